@@ -1,0 +1,136 @@
+"""The published Phi-3-vision ONNX release's contract, in one place.
+
+Everything here is read from the release (see shared/docs/phi3v-release-contract.md):
+the synthetic-package builder writes it, the tests check packages against it, and the
+runtime relies on it. Nothing in this module imports onnxruntime-genai or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# -- image geometry (onnxruntime-extensions' Phi3ImageTransform; its constants are fixed in og 0.18)
+CROP_SIZE = 336
+MAX_CROPS = 16
+TOKENS_PER_CROP = 144  # (336 / 14 / 2) ** 2: 24x24 patches merged 2x2
+NEWLINE_TOKENS_PER_ROW = 12  # one separator after each of the 12 token rows of a crop row
+PIXEL_CROPS = MAX_CROPS + 1  # pixel_values always carry 17 crops: the global one, then up to 16 sub-crops
+
+
+def hd_size(width: int, height: int) -> tuple[int, int]:
+    """(h, w) of an image after Phi-3-V's HD resize and white padding, as the processor reports it.
+
+    ratio = long/short side; the largest `scale` with scale * ceil(scale / ratio) <= 16;
+    long side = 336 * scale, short = long / ratio, padded up to a multiple of 336.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    transposed = width < height
+    long_side, short_side = (height, width) if transposed else (width, height)
+    ratio = long_side / short_side
+    scale = 1
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= MAX_CROPS:
+        scale += 1
+    new_long = CROP_SIZE * scale
+    new_short = int(new_long / ratio)
+    padded_short = math.ceil(new_short / CROP_SIZE) * CROP_SIZE
+    if transposed:
+        return new_long, padded_short  # (h, w): the height was the long side
+    return padded_short, new_long
+
+
+def image_token_count(h: int, w: int) -> int:
+    """Image tokens for an HD-resized (h, w): sub-crops + their row separators, the global separator,
+    the global crop + its 12 row separators."""
+    rows, cols = h // CROP_SIZE, w // CROP_SIZE
+    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * NEWLINE_TOKENS_PER_ROW
+
+
+def image_tokens_for(width: int, height: int) -> int:
+    """Image tokens for an image of the given pixel size."""
+    return image_token_count(*hd_size(width, height))
+
+
+# -- tokenizer layout: Llama-style BPE with byte fallback, 32000 base ids, then added tokens
+UNK, BOS, EOS_TEXT = "<unk>", "<s>", "</s>"
+BASE_VOCAB_SIZE = 32000
+ADDED_VOCAB_SIZE = 64  # the model's vocab is the base plus 64 ids (not all of them named)
+VOCAB_SIZE = BASE_VOCAB_SIZE + ADDED_VOCAB_SIZE
+# Named added tokens, by offset from the end of the base vocab, exactly as the release lists them.
+ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    # (offset, content, rstrip)
+    (0, "<|endoftext|>", False),
+    (1, "<|assistant|>", True),
+    (2, "<|placeholder1|>", True),
+    (3, "<|placeholder2|>", True),
+    (4, "<|placeholder3|>", True),
+    (5, "<|placeholder4|>", True),
+    (6, "<|system|>", False),
+    (7, "<|end|>", False),
+    (8, "<|placeholder5|>", True),
+    (9, "<|placeholder6|>", True),
+    (10, "<|user|>", False),
+    *((10 + k, f"<|placeholder{6 + k}|>", True) for k in range(1, 34)),
+    (44, "<|image|>", False),
+)
+BOS_TOKEN_ID = 1
+PAD_TOKEN_ID = BASE_VOCAB_SIZE + 0  # <|endoftext|>
+EOS_TOKEN_ID = BASE_VOCAB_SIZE + 7  # <|end|>: the chat model's end of turn
+CONTEXT_LENGTH = 131072
+ORIGINAL_CONTEXT_LENGTH = 4096
+
+# -- the three ONNX components and their I/O names (genai_config.json, type "phi3v")
+MODEL_TYPE = "phi3v"
+LEGACY_VISION_OUTPUT = "visual_features"  # the first (pre-0.5) format: og rejects it
+
+
+@dataclass(frozen=True)
+class FileNames:
+    vision: str
+    embedding: str
+    decoder: str
+
+
+PHI3_FILE_NAMES = FileNames(
+    vision="phi-3-v-128k-instruct-vision.onnx",
+    embedding="phi-3-v-128k-instruct-text-embedding.onnx",
+    decoder="phi-3-v-128k-instruct-text.onnx",
+)
+PHI35_FILE_NAMES = FileNames(
+    vision="phi-3.5-v-instruct-vision.onnx",
+    embedding="phi-3.5-v-instruct-embedding.onnx",
+    decoder="phi-3.5-v-instruct-text.onnx",
+)
+
+DECODER_INPUTS = {
+    "inputs_embeds": "inputs_embeds",
+    "attention_mask": "attention_mask",
+    "past_key_names": "past_key_values.%d.key",
+    "past_value_names": "past_key_values.%d.value",
+}
+DECODER_OUTPUTS = {
+    "logits": "logits",
+    "present_key_names": "present.%d.key",
+    "present_value_names": "present.%d.value",
+}
+EMBEDDING_INPUTS = {"input_ids": "input_ids", "image_features": "image_features"}
+EMBEDDING_OUTPUTS = {"inputs_embeds": "inputs_embeds"}
+VISION_INPUTS = {"pixel_values": "pixel_values", "image_sizes": "image_sizes"}
+VISION_OUTPUTS = {"image_features": "image_features"}
+
+# The other files every variant folder carries beside the three models.
+SIDE_FILES = (
+    "genai_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+# Chat template of the tokenizer_config.json the release ships.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+    "{{- '<|assistant|>\n' -}}{% endif %}"
+)
