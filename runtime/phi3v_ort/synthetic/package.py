@@ -16,6 +16,7 @@ Needs the `build` extra (torch, transformers, onnx, onnxscript, tokenizers, safe
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from .. import contract
 from .presets import PRESETS, Preset
-from .tokenizer import write_tokenizer
+from .tokenizer import TOKENIZER_FILES, write_tokenizer
 
 PRECISIONS = ("int4", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -294,12 +295,22 @@ def build_package(out_dir: Path | str, opts: BuildOptions = BuildOptions(),
         _log(f"preset {p.name}: decoder {p.num_layers}x{p.hidden_size}, CLIP {p.clip_layers}x{p.clip_hidden_size}, "
              f"{opts.precision} {opts.provider}, {opts.names} file names")
         decoder, image, text = make_modules(p, opts.seed)
+        ckpt_staging = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+        shutil.rmtree(ckpt_staging, ignore_errors=True)
+        _log(f"checkpoint: {ckpt_dir} ({time.perf_counter() - started:.0f}s)")
+        write_checkpoint(ckpt_staging, p, decoder, image)
 
+        # The builder reads a plain Phi3 config and the same safetensors (it ignores the vision weights), so the
+        # decoder's weights exist once on disk; the parent drops its copy before the builder loads its own.
         src = work / "hf"
         src.mkdir()
-        decoder.save_pretrained(src, safe_serialization=True)
-        write_tokenizer(src, context_length=p.context_length)
+        decoder.config.save_pretrained(src)
+        (src / "model.safetensors").symlink_to(ckpt_staging / "model.safetensors")
         write_tokenizer(staging, context_length=p.context_length)
+        for name in TOKENIZER_FILES:
+            shutil.copy(staging / name, src / name)
+        del decoder
+        gc.collect()
         _log(f"decoder: running onnxruntime-genai's model builder ({time.perf_counter() - started:.0f}s)")
         built = build_decoder(src, staging, opts, names.decoder)
 
@@ -311,14 +322,11 @@ def build_package(out_dir: Path | str, opts: BuildOptions = BuildOptions(),
         _write_json(staging / "genai_config.json", genai_config(built, p, names))
         _write_json(staging / "processor_config.json", processor_config())
 
-        _log(f"checkpoint: {ckpt_dir}")
-        ckpt_staging = ckpt_dir.with_name(ckpt_dir.name + ".partial")
-        shutil.rmtree(ckpt_staging, ignore_errors=True)
-        write_checkpoint(ckpt_staging, p, decoder, image)
         _replace_dir(ckpt_staging, ckpt_dir)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(ckpt_dir.with_name(ckpt_dir.name + ".partial"), ignore_errors=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
