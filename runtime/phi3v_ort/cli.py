@@ -1,16 +1,156 @@
-"""The `phi3v-ort` command line: parse, call the library, print. Expected failures are one sentence."""
+"""The `phi3v-ort` command line: parse, call the library, print. Expected failures are one sentence on stderr."""
 
 from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
 
 import click
 
 from . import __version__
+from .errors import Phi3vError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Phi3vGroup(click.Group):
+    """Turns every expected failure into `Error: <one sentence>` and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Phi3vError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Phi3vGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="phi3v-ort")
 def cli() -> None:
     """Run Phi-3-vision locally on ONNX Runtime GenAI."""
+
+
+def model_options(f: Callable) -> Callable:
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA only when an NVIDIA GPU is really there), cuda or cpu.")(f)
+    f = click.option("--model-dir", type=click.Path(), required=True,
+                     help="A Phi-3-vision ONNX package folder (with genai_config.json).")(f)
+    return f
+
+
+@cli.command()
+@click.argument("question")
+@click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
+              help="An image to ask about (repeatable; '-' reads stdin).")
+@model_options
+@click.option("--max-new-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=None, help="Sample with this temperature (greedy if no "
+              "sampling option is given).")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--system", default=None, help="A system message put before the question.")
+@click.option("--no-share-buffer", is_flag=True, help="Let the KV cache grow per token instead of one static buffer.")
+@click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only).")
+@click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of "
+              "streaming.")
+def run(question: str, images: tuple[str, ...], model_dir: str, device: str, max_new_tokens: int,
+        temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
+        no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool) -> None:
+    """Ask QUESTION about zero or more images; the answer streams to stdout."""
+    from .generation import Finished, stream
+    from .images import load_image
+    from .kv_cache import KVCachePolicy
+    from .loading import load_model
+    from .settings import GenerationSettings
+
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, **sampling)
+    policy = KVCachePolicy(share_buffer=not no_share_buffer, cuda_graph=cuda_graph)
+    if images.count("-") > 1:
+        raise Phi3vError("stdin ('-') can be given as an image only once")
+    loaded_images = [load_image(src) for src in images]
+    model = load_model(model_dir, device=device, policy=policy)
+
+    out = sys.stdout
+    finished = None
+    try:
+        for event in stream(model, question, loaded_images, settings, system):
+            if isinstance(event, Finished):
+                finished = event
+            elif not as_json and event.text:
+                out.write(event.text)
+                out.flush()
+    except KeyboardInterrupt:
+        if not as_json:
+            out.write("\n")
+            out.flush()
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+
+    assert finished is not None
+    if as_json:
+        click.echo(json.dumps({
+            "text": finished.text,
+            "token_ids": list(finished.token_ids),
+            "prompt_tokens": finished.stats.prompt_tokens,
+            "num_image_tokens": list(finished.stats.image_tokens),
+            "finish_reason": finished.stats.finish_reason,
+            "stats": finished.stats.to_dict(),
+        }, ensure_ascii=False))
+    else:
+        out.write("\n")
+        out.flush()
+    if show_stats:
+        click.echo(format_stats(finished.stats), err=True)
+
+
+def format_stats(stats) -> str:
+    images = ", ".join(str(n) for n in stats.image_tokens) or "none"
+    return "\n".join([
+        f"prompt tokens      {stats.prompt_tokens} (image tokens: {images})",
+        f"preprocessing      {stats.preprocess_s * 1000:.1f} ms",
+        f"time to 1st token  {stats.time_to_first_token_s * 1000:.1f} ms "
+        f"(prefill {stats.prefill_tokens_per_s:.1f} tokens/s)",
+        f"decode             {stats.decode_tokens_per_s:.1f} tokens/s",
+        f"generated          {stats.generated_tokens} tokens, finish reason: {stats.finish_reason}",
+        f"KV cache           {stats.kv_cache_bytes / 2**20:.1f} MiB for max_length {stats.max_length} "
+        f"({'shared buffer' if stats.share_buffer else 'growing'}"
+        f"{', CUDA graph' if stats.cuda_graph else ''}, {stats.device})",
+    ])
+
+
+@cli.command()
+@model_options
+def info(model_dir: str, device: str) -> None:
+    """What a package is and how it loads here, with package versions and whether a GPU was found."""
+    from importlib import metadata
+
+    from .device import gpu_count
+    from .loading import load_model
+
+    model = load_model(model_dir, device=device)
+    i = model.info
+    versions = []
+    for dist in ("phi3v-ort", "onnxruntime-genai-cuda", "onnxruntime-gpu", "numpy", "pillow", "click",
+                 "huggingface-hub"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} (not installed)")
+    gpus = gpu_count()
+    lines = [
+        f"model folder     {i.path}",
+        f"model type       {i.model_type}",
+        f"files            {i.files.vision}, {i.files.embedding}, {i.files.decoder}",
+        f"built for        {i.built_for} ({i.io_dtype} I/O)",
+        f"loaded on        {model.device} (onnxruntime-genai reports {model.og_model.device_type})",
+        f"decoder          {i.num_layers} layers, hidden {i.hidden_size}, {i.num_heads} heads of {i.head_size}, "
+        f"{i.num_kv_heads} KV heads",
+        f"context          {i.context_length} tokens, vocab {i.vocab_size}",
+        f"GPU              {f'{gpus} NVIDIA GPU(s) found' if gpus else 'none found'}",
+        f"versions         {', '.join(versions)}",
+    ]
+    click.echo("\n".join(lines))
 
 
 def main() -> None:

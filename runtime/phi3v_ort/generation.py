@@ -1,0 +1,136 @@
+"""Generation: one Python generator of events that the CLI, server, benchmarks and tests all consume.
+
+`stream()` yields a `TokenEvent` per generated token (its text delta from og's TokenizerStream and its id) and
+ends with one `Finished` carrying the whole answer and its `GenerationStats`. `generate()` runs it to the end.
+
+Timing boundaries (the same ones the benchmarks use):
+- preprocess_s: image loading (Pillow) + og's processor (prompt + images -> tensors);
+- prefill_s: set_inputs + the first generate_next_token (vision model, embedding, decoder prefill, first token);
+- time_to_first_token_s = preprocess_s + prefill_s;
+- decode: every later token, from the first token to the last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from .images import ImageInput
+from .kv_cache import plan
+from .loading import LoadedModel
+from .prompt import build_prompt
+from .settings import GenerationSettings, search_options
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str  # what this token adds to the answer (may be "" while a multi-byte character is incomplete)
+    token_id: int
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    image_tokens: tuple[int, ...]  # one entry per image, in order
+    preprocess_s: float
+    prefill_s: float
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+    generated_tokens: int
+    finish_reason: str  # "stop" (end token) or "length" (max_new_tokens or the context)
+    max_length: int
+    share_buffer: bool
+    cuda_graph: bool
+    kv_cache_bytes: int
+    device: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_tokens"] = list(self.image_tokens)
+        return d
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt: str
+    stats: GenerationStats
+
+
+def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (), system: str | None = None):
+    """Prompt + images -> og inputs. Returns (prompt, inputs, prompt_tokens, image_tokens)."""
+    import onnxruntime_genai as og
+
+    prompt = build_prompt(question, len(images), system)
+    og_images = og.Images.open_bytes(*[img.data for img in images]) if images else None
+    inputs = model.processor(prompt, images=og_images)
+    ids = inputs["input_ids"].as_numpy()
+    image_tokens = tuple(int((ids == -(k + 1)).sum()) for k in range(len(images)))
+    return prompt, inputs, int(ids.shape[-1]), image_tokens
+
+
+def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
+           settings: GenerationSettings = GenerationSettings(),
+           system: str | None = None) -> Iterator[TokenEvent | Finished]:
+    """Generate an answer about `images`, one event per token, then a `Finished` with the stats."""
+    import onnxruntime_genai as og
+
+    started = time.perf_counter()
+    prompt, inputs, prompt_tokens, image_tokens = prepare(model, question, images, system)
+    kv = plan(model.info, prompt_tokens, settings.max_new_tokens, model.policy)  # refuses before allocating anything
+    preprocess_s = time.perf_counter() - started + sum(img.load_s for img in images)
+
+    params = og.GeneratorParams(model.og_model)
+    params.set_search_options(**search_options(settings, kv.max_length, kv.share_buffer))
+    generator = og.Generator(model.og_model, params)
+    decoder = model.tokenizer.create_stream()
+    eos = model.info.eos_token_id
+    tokens: list[int] = []
+    pieces: list[str] = []
+    at_start = True
+    try:
+        t_prefill = time.perf_counter()
+        generator.set_inputs(inputs)
+        t_first = t_last = t_prefill
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            t_last = time.perf_counter()
+            if not tokens:
+                t_first = t_last
+            tokens.append(token)
+            text = "" if token == eos else decoder.decode(token)
+            if at_start and text:
+                # SentencePiece's word marker on the answer's first word (HF's decoder strips it too)
+                text, at_start = text.removeprefix(" "), False
+            pieces.append(text)
+            yield TokenEvent(text=text, token_id=token)
+    finally:
+        del generator  # frees the KV cache at once, also when the consumer stops early
+
+    prefill_s = t_first - t_prefill
+    decode_s = t_last - t_first
+    stats = GenerationStats(
+        prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,
+        time_to_first_token_s=preprocess_s + prefill_s,
+        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+        decode_s=decode_s,
+        decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+        generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
+        max_length=kv.max_length, share_buffer=kv.share_buffer, cuda_graph=model.cuda_graph,
+        kv_cache_bytes=kv.bytes, device=model.device,
+    )
+    yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prompt, stats=stats)
+
+
+def generate(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
+             settings: GenerationSettings = GenerationSettings(), system: str | None = None) -> Finished:
+    """The whole answer at once."""
+    for event in stream(model, question, images, settings, system):
+        if isinstance(event, Finished):
+            return event
+    raise AssertionError("stream() ended without a Finished event")

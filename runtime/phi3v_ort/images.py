@@ -1,0 +1,146 @@
+"""Images in: local paths, http(s) URLs and stdin, decoded and checked with Pillow, handed to og as PNG/JPEG bytes.
+
+og's own decoder reads only JPEG and PNG, and other formats kill the whole process inside its processor (see the
+release contract), so every image is decoded here first. Bytes already in a form og reads identically (an RGB
+PNG or JPEG with no EXIF rotation) pass through untouched, which keeps og's own JPEG rounding; everything else is
+converted to RGB (EXIF orientation applied, alpha composited on white, 16-bit scaled) and re-encoded as PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import Phi3vError
+
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459x9459)
+MAX_BYTES = 50 * 1024 * 1024
+URL_TIMEOUT_S = 20.0
+PASS_THROUGH_FORMATS = {"PNG", "JPEG"}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One decoded, checked image: the bytes og gets, its size, and where it came from."""
+
+    source: str
+    data: bytes  # PNG or JPEG bytes
+    width: int
+    height: int
+    load_s: float  # read + decode + conversion time
+
+
+def load_image(source: str, stdin: BinaryIO | None = None, *, max_bytes: int = MAX_BYTES,
+               max_pixels: int = MAX_PIXELS, timeout: float = URL_TIMEOUT_S) -> ImageInput:
+    """Read `source` (a path, an http(s) URL, or '-' for stdin) and return an image og can take."""
+    started = time.perf_counter()
+    if source == "-":
+        stream = stdin
+        if stream is None:
+            import sys
+
+            stream = sys.stdin.buffer
+        raw = stream.read(max_bytes + 1)
+        label = "stdin"
+    elif source.startswith(("http://", "https://")):
+        raw = _download(source, max_bytes, timeout)
+        label = source
+    else:
+        raw = _read_file(Path(source).expanduser(), max_bytes)
+        label = source
+    if len(raw) > max_bytes:
+        raise Phi3vError(f"image {label} is larger than the {max_bytes // (1024 * 1024)} MB limit")
+    if not raw:
+        raise Phi3vError(f"image {label} is empty")
+    data, width, height = _decode(raw, label, max_pixels)
+    return ImageInput(source=label, data=data, width=width, height=height, load_s=time.perf_counter() - started)
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    if not path.exists():
+        raise Phi3vError(f"image file not found: {path}")
+    if path.is_dir():
+        raise Phi3vError(f"image path {path} is a directory, not an image file")
+    try:
+        with path.open("rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        raise Phi3vError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
+
+def _download(url: str, max_bytes: int, timeout: float) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "phi3v-ort"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            kind = response.headers.get_content_type()
+            if kind and not kind.startswith("image/") and kind != "application/octet-stream":
+                raise Phi3vError(f"{url} is not an image (the server says {kind})")
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise Phi3vError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit")
+            return response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise Phi3vError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise Phi3vError(f"could not download {url}: {reason}") from None
+
+
+def _decode(raw: bytes, label: str, max_pixels: int) -> tuple[bytes, int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Phi3vError(f"image {label} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
+                                 "(a possible decompression bomb)")
+            img.load()
+    except Phi3vError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Phi3vError(f"image {label} is too large to decode safely (a possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise Phi3vError(f"{label} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise Phi3vError(f"image {label} could not be decoded ({exc})") from None
+
+    fmt = img.format
+    orientation = img.getexif().get(0x0112, 1)
+    if fmt in PASS_THROUGH_FORMATS and img.mode == "RGB" and orientation in (0, 1):
+        return raw, width, height
+    rgb = to_rgb(ImageOps.exif_transpose(img))
+    out = io.BytesIO()
+    rgb.save(out, format="PNG", compress_level=1)  # lossless; speed over size, it never leaves memory
+    return out.getvalue(), rgb.width, rgb.height
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited on white, 16/32-bit scaled to 8 bits, CMYK and palettes
+    converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        img = Image.fromarray(((arr - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img

@@ -1,0 +1,50 @@
+"""Generation settings: one frozen dataclass, mapped to onnxruntime-genai search options in one function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Phi3vError
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate. Greedy unless do_sample; the sampling knobs only matter when sampling."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise Phi3vError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise Phi3vError(f"temperature must be above 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise Phi3vError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 1:
+            raise Phi3vError(f"top_k must be at least 1, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise Phi3vError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+
+
+def search_options(settings: GenerationSettings, max_length: int, share_buffer: bool) -> dict:
+    """The og search options for one request (max_length and the buffer mode come from the KV-cache plan)."""
+    options: dict = {
+        "max_length": int(max_length),
+        "past_present_share_buffer": bool(share_buffer),
+        "repetition_penalty": float(settings.repetition_penalty),
+        "do_sample": bool(settings.do_sample),
+    }
+    if settings.do_sample:
+        options.update(temperature=float(settings.temperature), top_p=float(settings.top_p),
+                       top_k=int(settings.top_k))
+        if settings.seed is not None:
+            options["random_seed"] = int(settings.seed)
+    else:
+        options["top_k"] = 1  # greedy, whatever the package's config says
+    return options
