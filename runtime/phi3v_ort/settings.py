@@ -18,6 +18,7 @@ class GenerationSettings:
     top_k: int = 50
     seed: int | None = None
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (og's min_length = max_length)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +41,8 @@ def search_options(settings: GenerationSettings, max_length: int, share_buffer: 
         "repetition_penalty": float(settings.repetition_penalty),
         "do_sample": bool(settings.do_sample),
     }
+    if settings.ignore_eos:
+        options["min_length"] = int(max_length)
     if settings.do_sample:
         options.update(temperature=float(settings.temperature), top_p=float(settings.top_p),
                        top_k=int(settings.top_k))
