@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -31,9 +32,21 @@ def cli() -> None:
 def model_options(f: Callable) -> Callable:
     f = click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA only when an NVIDIA GPU is really there), cuda or cpu.")(f)
-    f = click.option("--model-dir", type=click.Path(), required=True,
+    f = click.option("--model-dir", type=click.Path(), default=None,
                      help="A Phi-3-vision ONNX package folder (with genai_config.json).")(f)
+    f = click.option("-m", "--model", default=None, metavar="NAME",
+                     help="A catalog name (phi-3-vision, phi-3.5-vision, optionally :gpu-int4/:cpu-int4), found on "
+                     "disk or fetched on first use [default: $PHI3V_ORT_MODEL or phi-3-vision].")(f)
     return f
+
+
+def open_model(model: str | None, model_dir: str | None, device: str, policy=None):
+    """The one way the commands get a loaded model."""
+    from .fetch import resolve_model_dir
+    from .kv_cache import KVCachePolicy
+    from .loading import load_model
+
+    return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy())
 
 
 @cli.command()
@@ -53,14 +66,14 @@ def model_options(f: Callable) -> Callable:
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of "
               "streaming.")
-def run(question: str, images: tuple[str, ...], model_dir: str, device: str, max_new_tokens: int,
+def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
+        max_new_tokens: int,
         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
         no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool) -> None:
     """Ask QUESTION about zero or more images; the answer streams to stdout."""
     from .generation import Finished, stream
     from .images import load_image
     from .kv_cache import KVCachePolicy
-    from .loading import load_model
     from .settings import GenerationSettings
 
     sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
@@ -69,12 +82,12 @@ def run(question: str, images: tuple[str, ...], model_dir: str, device: str, max
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
     loaded_images = [load_image(src) for src in images]
-    model = load_model(model_dir, device=device, policy=policy)
+    loaded = open_model(model, model_dir, device, policy)
 
     out = sys.stdout
     finished = None
     try:
-        for event in stream(model, question, loaded_images, settings, system):
+        for event in stream(loaded, question, loaded_images, settings, system):
             if isinstance(event, Finished):
                 finished = event
             elif not as_json and event.text:
@@ -121,14 +134,13 @@ def format_stats(stats) -> str:
 
 @cli.command()
 @model_options
-def info(model_dir: str, device: str) -> None:
+def info(model: str | None, model_dir: str | None, device: str) -> None:
     """What a package is and how it loads here, with package versions and whether a GPU was found."""
     from importlib import metadata
 
     from .device import gpu_count
-    from .loading import load_model
 
-    model = load_model(model_dir, device=device)
+    model = open_model(model, model_dir, device)
     i = model.info
     versions = []
     for dist in ("phi3v-ort", "onnxruntime-genai-cuda", "onnxruntime-gpu", "numpy", "pillow", "click",
@@ -151,6 +163,48 @@ def info(model_dir: str, device: str) -> None:
         f"versions         {', '.join(versions)}",
     ]
     click.echo("\n".join(lines))
+
+
+@cli.command()
+def models() -> None:
+    """The catalog of published builds and what of it is already on this machine."""
+    from .catalog import CATALOG
+    from .fetch import locate
+
+    for v in CATALOG:
+        click.echo(f"{v.label:<32} {v.repo}/{v.folder}")
+        click.echo(f"{'':<32} {v.note}")
+        if v.legacy:
+            click.echo(f"{'':<32} refused: not fetched or loaded by phi3v-ort")
+            continue
+        local = locate(v)
+        if local.path is None:
+            click.echo(f"{'':<32} not on this machine")
+        else:
+            state = "complete" if local.complete else f"INCOMPLETE ({local.problem})"
+            click.echo(f"{'':<32} on disk: {local.path} ({local.size_bytes / 2**30:.2f} GB, {state})")
+
+
+@cli.command()
+@click.option("-m", "--model", default=None, metavar="NAME",
+              help="phi-3-vision or phi-3.5-vision [default: $PHI3V_ORT_MODEL or phi-3-vision].")
+@click.option("--variant", default=None, help="gpu-int4 or cpu-int4 [default: gpu-int4 when a GPU is present].")
+@click.option("--revision", default=None, help="A branch, tag or commit of the hub repo [default: main].")
+@click.option("--dir", "local_dir", type=click.Path(file_okay=False), default=None,
+              help="Download into this plain folder instead of the hub cache.")
+def fetch(model: str | None, variant: str | None, revision: str | None, local_dir: str | None) -> None:
+    """Download a published build (resumable) and print the folder to pass as --model-dir."""
+    from .catalog import DEFAULT_MODEL, MODEL_ENV, select
+    from .device import resolve_device
+    from .fetch import ensure
+
+    chosen = select(model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL, variant, resolve_device("auto"))
+    try:
+        path = ensure(chosen, revision=revision, local_dir=local_dir)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: what was downloaded is kept, and the same fetch resumes it.", err=True)
+        sys.exit(130)
+    click.echo(str(path))
 
 
 def main() -> None:
