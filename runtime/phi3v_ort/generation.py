@@ -46,11 +46,20 @@ class GenerationStats:
     cuda_graph: bool
     kv_cache_bytes: int
     device: str
+    kv_reused: bool = False  # a conversation turn that continued the kept generator
+    reprefill_reason: str | None = None  # why a conversation turn started a fresh generator instead
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_tokens"] = list(self.image_tokens)
         return d
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the caller should know about this answer (e.g. a conversation re-prefilled its transcript)."""
+
+    message: str
 
 
 @dataclass(frozen=True)

@@ -15,28 +15,38 @@ def build_prompt(question: str, num_images: int, system: str | None = None) -> s
     If the question already places image tags itself, they are kept where they are and must name exactly the
     images given (<|image_1|> .. <|image_N|>, each once).
     """
+    return system_turn(system) + user_turn(question, first_image=1, num_images=num_images)
+
+
+def system_turn(system: str | None) -> str:
+    return f"<|system|>\n{system}<|end|>\n" if system else ""
+
+
+def user_turn(question: str, first_image: int, num_images: int) -> str:
+    """One user turn ending with the assistant's header; its images are numbered from `first_image` (images are
+    numbered across a whole conversation)."""
+    numbers = list(range(first_image, first_image + num_images))
     tags = [int(n) for n in IMAGE_TAG.findall(question)]
     if tags:
-        check_image_tags(tags, num_images)
+        check_image_tags(tags, numbers)
         user = question
     else:
-        user = "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + question
-    head = f"<|system|>\n{system}<|end|>\n" if system else ""
-    return f"{head}<|user|>\n{user}<|end|>\n<|assistant|>\n"
+        user = "".join(f"<|image_{k}|>\n" for k in numbers) + question
+    return f"<|user|>\n{user}<|end|>\n<|assistant|>\n"
 
 
-def check_image_tags(tags: list[int], num_images: int) -> None:
-    """Tags in the user's text must be <|image_1|>..<|image_N|>, each once, for the N images given."""
-    unknown = sorted({t for t in tags if t < 1 or t > max(num_images, 0)})
-    if unknown and num_images == 0:
+def check_image_tags(tags: list[int], numbers: list[int]) -> None:
+    """Tags in the user's text must name exactly the images given with it, each once."""
+    unknown = [t for t in tags if t not in numbers]
+    if unknown and not numbers:
         raise Phi3vError(f"the question contains the image tag <|image_{unknown[0]}|> but no image was given")
     if unknown:
-        raise Phi3vError(f"unknown image tag <|image_{unknown[0]}|>: with {num_images} image(s) the tags are "
-                         f"<|image_1|> to <|image_{num_images}|>")
+        raise Phi3vError(f"unknown image tag <|image_{unknown[0]}|>: with {len(numbers)} image(s) the tags are "
+                         f"<|image_{numbers[0]}|> to <|image_{numbers[-1]}|>")
     repeated = sorted({t for t in tags if tags.count(t) > 1})
     if repeated:
         raise Phi3vError(f"the image tag <|image_{repeated[0]}|> appears more than once in the question")
-    if len(tags) != num_images:
-        missing = sorted(set(range(1, num_images + 1)) - set(tags))
-        raise Phi3vError(f"{num_images} images were given but the question tags only {len(tags)} "
+    if len(tags) != len(numbers):
+        missing = [n for n in numbers if n not in tags]
+        raise Phi3vError(f"{len(numbers)} images were given but the question tags only {len(tags)} "
                          f"(add <|image_{missing[0]}|> or drop that image)")

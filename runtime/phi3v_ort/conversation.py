@@ -1,0 +1,265 @@
+"""A conversation that keeps one og.Generator (and its KV cache) alive across turns.
+
+og's own example throws the generator away after every turn and re-encodes the image and the whole transcript,
+so each turn pays the full time to first token again (> 1,900 image tokens per image). Here a later turn appends
+only its own tokens to the kept generator.
+
+What og 0.18 does, measured on the fixture (tests/test_conversation.py checks each point):
+- After `generate_next_token()` the token it just chose is in the sequence but its KV is computed only by the next
+  `generate_next_token()`. `append_tokens()` feeds just the appended ids, so continuing after a turn that ended
+  on `<|end|>` (or on the token budget) leaves a hole in the cache at that token: the next turn's logits then
+  match neither the transcript with nor without it. So the conversation never lets og choose a token: it feeds
+  every token with `append_tokens()` and chooses from `get_logits()` itself (greedy = argmax, identical to og's;
+  sampling in sampling.py). The token that ends a turn is held back and fed first in the next turn. With that, a
+  turn's tokens equal a fresh prefill of the whole transcript.
+- A later turn that brings a new image cannot continue the generator: `set_inputs()` on a live generator and
+  `append_tokens()` with image ids both fail in the embedding model (the vision model runs only for the first
+  inputs). Such a turn re-prefills the transcript with all images, and says so.
+- `Generator.rewind_to` is not supported for phi3v, so nothing here relies on it.
+
+Budget: the generator's max_length is fixed when it is created (the shared KV buffer is allocated at that size):
+prompt tokens + max_new_tokens + `reserve_tokens` (default 2048, room for follow-up turns), capped at the
+context. When the next turn would not fit, the conversation starts a fresh generator with the transcript
+re-prefilled, dropping the oldest turns (with their images) until it fits, and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import contract
+from .errors import Phi3vError
+from .generation import Finished, GenerationStats, Notice, TokenEvent
+from .images import ImageInput
+from .kv_cache import kv_cache_bytes
+from .loading import LoadedModel
+from .prompt import system_turn, user_turn
+from .sampling import make_sampler
+from .settings import GenerationSettings
+
+DEFAULT_RESERVE_TOKENS = 2048
+
+
+@dataclass
+class Turn:
+    question: str
+    images: list[ImageInput]
+    answer: str = ""
+    answer_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Live:
+    """The kept generator and where it stands."""
+
+    generator: object
+    max_length: int
+    seq_len: int  # tokens whose KV is in the cache
+    held: list[int]  # the token that ended the last turn: chosen, shown, not yet fed
+    history: list[int]  # every token id fed or held, for the repetition penalty
+
+
+class Conversation:
+    """Turns about images, streamed as the same events as generation.stream()."""
+
+    def __init__(self, model: LoadedModel, settings: GenerationSettings = GenerationSettings(),
+                 system: str | None = None, reserve_tokens: int = DEFAULT_RESERVE_TOKENS):
+        self.model = model
+        self.settings = settings
+        self.system = system
+        self.reserve_tokens = reserve_tokens
+        self.turns: list[Turn] = []
+        self.last_stats: GenerationStats | None = None
+        self._live: _Live | None = None
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every turn and free the KV cache."""
+        self.turns.clear()
+        self.last_stats = None
+        self._live = None
+
+    @property
+    def images(self) -> list[ImageInput]:
+        return [img for turn in self.turns for img in turn.images]
+
+    def ask(self, question: str, images: Sequence[ImageInput] = ()) -> Iterator[TokenEvent | Notice | Finished]:
+        """Answer the next user turn; continues the kept generator when it can, else re-prefills (with a Notice)."""
+        started = time.perf_counter()
+        turn = Turn(question, list(images))
+        first_image = len(self.images) + 1
+        user = user_turn(question, first_image, len(images))  # validates the user's own image tags
+        live = self._live
+        continuation: list[int] | None = None
+        reason = None
+        if live is not None:
+            if images:
+                reason = "a new image needs the vision model, which runs only on a fresh generator"
+            else:
+                continuation = self._continuation_ids(live, user)
+                if live.seq_len + len(continuation) + self.settings.max_new_tokens > live.max_length:
+                    reason = (f"the next turn would not fit the generator's budget of {live.max_length} tokens")
+                    continuation = None
+        if continuation is not None:
+            yield from self._continue(turn, continuation, started)
+        else:
+            if reason:
+                yield Notice(f"re-prefilling the conversation: {reason}")
+            yield from self._prefill(turn, started, reason)
+
+    def to_dict(self) -> dict:
+        """The transcript, for /save."""
+        return {"system": self.system,
+                "turns": [{"question": t.question, "images": [i.source for i in t.images], "answer": t.answer,
+                           "answer_ids": t.answer_ids} for t in self.turns],
+                "last_stats": self.last_stats.to_dict() if self.last_stats else None}
+
+    # -- the two ways a turn starts --------------------------------------------------------------------------------
+
+    def _continuation_ids(self, live: _Live, user: str) -> list[int]:
+        eos = self.model.info.eos_token_id
+        closed = bool(live.held) and live.held[-1] == eos
+        text = ("" if closed else "<|end|>") + "\n" + user
+        return live.held + [int(t) for t in self.model.tokenizer.encode(text)]
+
+    def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
+        live = self._live
+        assert live is not None
+        t_prefill = time.perf_counter()
+        live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        live.seq_len += len(ids)
+        live.history.extend(i for i in ids if i >= 0)
+        live.held = []
+        yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
+                                prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
+
+    def _prefill(self, turn: Turn, started: float, reason: str | None) -> Iterator[TokenEvent | Finished]:
+        import onnxruntime_genai as og
+
+        self._live = None  # free the old cache before allocating the new one
+        kept = self._fit(turn)
+        if len(kept) < len(self.turns):
+            dropped = len(self.turns) - len(kept)
+            self.turns = kept
+            yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
+        prompt = self._transcript(self.turns, turn)
+        images = self.images + turn.images
+        og_images = og.Images.open_bytes(*[img.data for img in images]) if images else None
+        inputs = self.model.processor(prompt, images=og_images)
+        ids = np.asarray(inputs["input_ids"].as_numpy())
+        image_tokens = tuple(int((ids == -(k + 1)).sum()) for k in range(len(images)))
+        prompt_tokens = int(ids.shape[-1])
+        context = self.model.info.context_length
+        if prompt_tokens + 1 > context:
+            raise Phi3vError(f"the conversation is {prompt_tokens} tokens (images included) but the model's context "
+                             f"is {context}: it cannot fit with even one new token")
+        max_length = min(context, prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
+        params = og.GeneratorParams(self.model.og_model)
+        params.set_search_options(max_length=max_length, past_present_share_buffer=self.model.policy.share_buffer)
+        generator = og.Generator(self.model.og_model, params)
+        preprocess_s = time.perf_counter() - started + sum(img.load_s for img in turn.images)
+
+        t_prefill = time.perf_counter()
+        # Everything but the last prompt token goes in with the images; appending that last token runs the
+        # prefill and leaves its logits to choose from, with nothing chosen by og (see the module docstring).
+        inputs["input_ids"] = ids[..., :-1].astype(ids.dtype)
+        generator.set_inputs(inputs)
+        generator.append_tokens(ids[..., -1:].reshape(-1).astype(np.int32))
+        self._live = _Live(generator=generator, max_length=max_length, seq_len=prompt_tokens, held=[],
+                           history=[int(i) for i in ids.reshape(-1) if i >= 0])
+        yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
+                                prompt_tokens=prompt_tokens, image_tokens=image_tokens, kv_reused=False,
+                                reason=reason)
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    def _decode(self, turn: Turn, live: _Live, started: float, t_prefill: float, *, preprocess_s: float,
+                prompt_tokens: int, image_tokens: tuple[int, ...], kv_reused: bool,
+                reason: str | None) -> Iterator[TokenEvent | Finished]:
+        settings = self.settings
+        sample = make_sampler(settings)
+        eos = self.model.info.eos_token_id
+        vocab = self.model.info.vocab_size
+        stream = self.model.tokenizer.create_stream()
+        tokens: list[int] = []
+        pieces: list[str] = []
+        t_first = t_last = t_prefill
+        at_start = True
+        self.turns.append(turn)  # part of the transcript from now on, even if the consumer stops early
+        fed_before = live.seq_len
+        try:
+            while True:
+                logits = np.asarray(live.generator.get_logits()).reshape(-1, vocab)[-1]
+                token = sample(logits, live.history)
+                t_last = time.perf_counter()
+                if not tokens:
+                    t_first = t_last
+                tokens.append(token)
+                live.history.append(token)
+                text = "" if token == eos else stream.decode(token)
+                if at_start and text:
+                    text, at_start = text.removeprefix(" "), False
+                pieces.append(text)
+                turn.answer, turn.answer_ids = "".join(pieces), list(tokens)
+                yield TokenEvent(text=text, token_id=token)
+                if (token == eos and not settings.ignore_eos) or len(tokens) >= settings.max_new_tokens \
+                        or live.seq_len + 1 >= live.max_length:
+                    break
+                live.generator.append_tokens(np.asarray([token], dtype=np.int32))
+                live.seq_len += 1
+        finally:
+            # Also after Ctrl-C or an abandoned stream: read back what og really holds, so the chosen tokens that
+            # were not fed yet (at most the last one) are fed first by the next turn.
+            live.seq_len = len(live.generator.get_sequence(0))
+            live.held = tokens[live.seq_len - fed_before:]
+
+        prefill_s, decode_s = t_first - t_prefill, t_last - t_first
+        stats = GenerationStats(
+            prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,
+            time_to_first_token_s=t_first - started,
+            prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0, decode_s=decode_s,
+            decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+            generated_tokens=len(tokens), finish_reason="stop" if tokens[-1] == eos else "length",
+            max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=False,
+            kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
+            kv_reused=kv_reused, reprefill_reason=reason)
+        self.last_stats = stats
+        yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
+
+    # -- transcript --------------------------------------------------------------------------------------------
+
+    def _transcript(self, turns: list[Turn], new: Turn) -> str:
+        parts = [system_turn(self.system)]
+        number = 1
+        for t in turns:
+            parts.append(user_turn(t.question, number, len(t.images)) + t.answer + "<|end|>\n")
+            number += len(t.images)
+        parts.append(user_turn(new.question, number, len(new.images)))
+        return "".join(parts)
+
+    def _estimate_tokens(self, turns: list[Turn], new: Turn) -> int:
+        """Prompt tokens of a transcript without running the processor: text tokens + the contract's image count."""
+        text = contract_free(self._transcript(turns, new))
+        images = [img for t in turns for img in t.images] + new.images
+        return len(self.model.tokenizer.encode(text)) + sum(contract.image_tokens_for(i.width, i.height)
+                                                             for i in images)
+
+    def _fit(self, new: Turn) -> list[Turn]:
+        """The most recent past turns that fit the context with the new turn and its answer."""
+        context = self.model.info.context_length
+        kept = list(self.turns)
+        while kept and self._estimate_tokens(kept, new) + self.settings.max_new_tokens > context:
+            kept.pop(0)
+        return kept
+
+
+def contract_free(text: str) -> str:
+    """The transcript with its image tags removed (their tokens are counted from the image sizes instead)."""
+    from .prompt import IMAGE_TAG
+
+    return IMAGE_TAG.sub("", text)
