@@ -102,7 +102,7 @@ def preprocessing_by_size(model, reps: int) -> list[dict]:
                 t0 = time.perf_counter()
                 image = load_image("-", stdin=io.BytesIO(data))
                 t1 = time.perf_counter()
-                _, _, _, image_tokens = prepare(model, QUESTION, [image])
+                image_tokens = prepare(model, QUESTION, [image]).image_tokens
                 t2 = time.perf_counter()
                 if rep:
                     load.append(t1 - t0)

@@ -49,17 +49,34 @@ def open_model(model: str | None, model_dir: str | None, device: str, policy=Non
     return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy())
 
 
+def sampling_options(f: Callable) -> Callable:
+    for decorator in reversed([
+        click.option("--max-new-tokens", type=int, default=512, show_default=True),
+        click.option("--temperature", type=float, default=None,
+                     help="Sample with this temperature (greedy if no sampling option is given)."),
+        click.option("--top-p", type=float, default=None),
+        click.option("--top-k", type=int, default=None),
+        click.option("--seed", type=int, default=None, help="Seed of the sampler."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def make_settings(max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
+                  seed: int | None):
+    """Greedy unless a sampling option is given: the one place the CLI builds GenerationSettings."""
+    from .settings import GenerationSettings
+
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, **sampling)
+
+
 @cli.command()
 @click.argument("question")
 @click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
               help="An image to ask about (repeatable; '-' reads stdin).")
 @model_options
-@click.option("--max-new-tokens", type=int, default=512, show_default=True)
-@click.option("--temperature", type=float, default=None, help="Sample with this temperature (greedy if no "
-              "sampling option is given).")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@sampling_options
 @click.option("--system", default=None, help="A system message put before the question.")
 @click.option("--no-share-buffer", is_flag=True, help="Let the KV cache grow per token instead of one static buffer.")
 @click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only).")
@@ -74,10 +91,8 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     from .generation import Finished, stream
     from .images import load_image
     from .kv_cache import KVCachePolicy
-    from .settings import GenerationSettings
 
-    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, **sampling)
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
     policy = KVCachePolicy(share_buffer=not no_share_buffer, cuda_graph=cuda_graph)
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
@@ -129,7 +144,9 @@ def format_stats(stats) -> str:
         f"KV cache           {stats.kv_cache_bytes / 2**20:.1f} MiB for max_length {stats.max_length} "
         f"({'shared buffer' if stats.share_buffer else 'growing'}"
         f"{', CUDA graph' if stats.cuda_graph else ''}, {stats.device})",
-    ])
+    ] + (["conversation       continued the kept KV cache (only this turn's tokens were prefilled)"]
+         if stats.kv_reused else []) + ([f"conversation       re-prefilled: {stats.reprefill_reason}"]
+                                        if stats.reprefill_reason else []))
 
 
 @cli.command()
@@ -163,6 +180,67 @@ def info(model: str | None, model_dir: str | None, device: str) -> None:
         f"versions         {', '.join(versions)}",
     ]
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL",
+              help="An image for the first question (repeatable); later ones with /image.")
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="A system message for the whole conversation.")
+@click.option("--reserve-tokens", type=int, default=2048, show_default=True,
+              help="KV-cache room kept for follow-up turns beyond the first answer.")
+def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, device: str, max_new_tokens: int,
+         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
+         reserve_tokens: int) -> None:
+    """An interactive chat about images that keeps the KV cache between turns."""
+    from .chat import run_chat, stdin_is_terminal
+    from .conversation import Conversation
+    from .images import load_image
+
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
+    loaded_images = [load_image(src) for src in images]
+    conversation = Conversation(open_model(model, model_dir, device), settings, system, reserve_tokens)
+    sys.exit(run_chat(conversation, loaded_images, sys.stdin, sys.stdout, sys.stderr,
+                      interactive=stdin_is_terminal(), format_stats=format_stats))
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="JSONL results, appended; ids already there are skipped (resume).")
+@click.option("--question", default=None, help="The question for every image of a folder (or a JSONL default).")
+@model_options
+@sampling_options
+@click.option("--workers", type=int, default=2, show_default=True, help="Threads preparing the next items.")
+@click.option("--prefetch", type=int, default=4, show_default=True, help="Items prepared ahead at most.")
+def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
+          max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
+          workers: int, prefetch: int) -> None:
+    """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT."""
+    import time
+
+    from .batch import read_items, run_batch
+
+    items = read_items(source, question)
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
+    loaded = open_model(model, model_dir, device)
+    show = sys.stderr.isatty()
+
+    def progress(p) -> None:
+        elapsed = max(time.perf_counter() - p.started, 1e-9)
+        line = (f"{p.done + p.failed}/{len(items) - p.skipped} items ({p.failed} failed), "
+                f"{(p.done + p.failed) / elapsed:.2f} items/s, {p.tokens / elapsed:.1f} tokens/s")
+        click.echo(("\r" + line) if show else line, err=True, nl=not show)
+
+    try:
+        p = run_batch(loaded, items, output, settings, workers=workers, prefetch=prefetch, on_progress=progress)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: finished items are in the output; run the same command to resume.", err=True)
+        sys.exit(130)
+    if show:
+        click.echo("", err=True)
+    click.echo(f"{p.done} answered, {p.failed} failed, {p.skipped} already done: {output}", err=True)
 
 
 @cli.command()

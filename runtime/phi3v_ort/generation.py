@@ -70,29 +70,45 @@ class Finished:
     stats: GenerationStats
 
 
-def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (), system: str | None = None):
-    """Prompt + images -> og inputs. Returns (prompt, inputs, prompt_tokens, image_tokens)."""
+@dataclass
+class Prepared:
+    """A request turned into og inputs, ready to generate (the batch runner prepares the next ones ahead)."""
+
+    prompt: str
+    inputs: object  # og.NamedTensors
+    prompt_tokens: int
+    image_tokens: tuple[int, ...]
+    preprocess_s: float  # image loading + og's processor
+
+
+def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
+            system: str | None = None) -> Prepared:
+    """Prompt + images -> og inputs, with the token counts (one place builds the prompt: prompt.build_prompt)."""
     import onnxruntime_genai as og
 
+    started = time.perf_counter()
     prompt = build_prompt(question, len(images), system)
     og_images = og.Images.open_bytes(*[img.data for img in images]) if images else None
     inputs = model.processor(prompt, images=og_images)
     ids = inputs["input_ids"].as_numpy()
     image_tokens = tuple(int((ids == -(k + 1)).sum()) for k in range(len(images)))
-    return prompt, inputs, int(ids.shape[-1]), image_tokens
+    preprocess_s = time.perf_counter() - started + sum(img.load_s for img in images)
+    return Prepared(prompt, inputs, int(ids.shape[-1]), image_tokens, preprocess_s)
 
 
 def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
            settings: GenerationSettings = GenerationSettings(),
            system: str | None = None) -> Iterator[TokenEvent | Finished]:
     """Generate an answer about `images`, one event per token, then a `Finished` with the stats."""
+    yield from stream_prepared(model, prepare(model, question, images, system), settings)
+
+
+def stream_prepared(model: LoadedModel, prepared: Prepared,
+                    settings: GenerationSettings = GenerationSettings()) -> Iterator[TokenEvent | Finished]:
+    """The generation loop for a prepared request."""
     import onnxruntime_genai as og
 
-    started = time.perf_counter()
-    prompt, inputs, prompt_tokens, image_tokens = prepare(model, question, images, system)
-    kv = plan(model.info, prompt_tokens, settings.max_new_tokens, model.policy)  # refuses before allocating anything
-    preprocess_s = time.perf_counter() - started + sum(img.load_s for img in images)
-
+    kv = plan(model.info, prepared.prompt_tokens, settings.max_new_tokens, model.policy)  # refuses before allocating
     params = og.GeneratorParams(model.og_model)
     params.set_search_options(**search_options(settings, kv.max_length, kv.share_buffer))
     generator = og.Generator(model.og_model, params)
@@ -103,7 +119,7 @@ def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
     at_start = True
     try:
         t_prefill = time.perf_counter()
-        generator.set_inputs(inputs)
+        generator.set_inputs(prepared.inputs)
         t_first = t_last = t_prefill
         while not generator.is_done():
             generator.generate_next_token()
@@ -124,16 +140,17 @@ def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
     prefill_s = t_first - t_prefill
     decode_s = t_last - t_first
     stats = GenerationStats(
-        prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,
-        time_to_first_token_s=preprocess_s + prefill_s,
-        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+        prompt_tokens=prepared.prompt_tokens, image_tokens=prepared.image_tokens,
+        preprocess_s=prepared.preprocess_s, prefill_s=prefill_s,
+        time_to_first_token_s=prepared.preprocess_s + prefill_s,
+        prefill_tokens_per_s=prepared.prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
         decode_s=decode_s,
         decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
         generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
         max_length=kv.max_length, share_buffer=kv.share_buffer, cuda_graph=model.cuda_graph,
         kv_cache_bytes=kv.bytes, device=model.device,
     )
-    yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prompt, stats=stats)
+    yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prepared.prompt, stats=stats)
 
 
 def generate(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
