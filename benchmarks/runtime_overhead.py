@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from PIL import Image  # noqa: E402
 
-from phi3v_ort.benchmark import bare_og_generate, chart_image, environment, image_input, photo_image, summarize  # noqa: E402
+from phi3v_ort.bench.common import bare_og_generate, chart_image, environment, image_input, photo_image, summarize  # noqa: E402
 from phi3v_ort.generation import Finished, prepare, stream  # noqa: E402
 from phi3v_ort.images import load_image  # noqa: E402
 from phi3v_ort.kv_cache import KVCachePolicy  # noqa: E402

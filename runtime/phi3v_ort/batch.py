@@ -117,18 +117,29 @@ def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: Gen
                 item = next(queue, None)
                 if item is None:
                     return
-                pending.append((item, pool.submit(_prepare, model, item)))
+                if prefetch > 0:
+                    future = pool.submit(_prepare, model, item)
+                else:  # strictly sequential: prepare only when the previous item is written
+                    future = Future()
+                    try:
+                        future.set_result(_prepare(model, item))
+                    except Exception as exc:  # noqa: BLE001 - delivered to _answer like a pool failure
+                        future.set_exception(exc)
+                pending.append((item, future))
 
         refill()
         try:
             while pending:
                 item, future = pending.popleft()
-                refill()  # keep the pool busy with the next items while this one generates
+                if prefetch > 0:
+                    refill()  # keep the pool busy with the next items while this one generates
                 out.write(json.dumps(_answer(model, item, future, settings, progress), ensure_ascii=False) + "\n")
                 out.flush()
                 os.fsync(out.fileno())
                 if on_progress:
                     on_progress(progress)
+                if prefetch <= 0:
+                    refill()
         finally:
             for _, future in pending:
                 future.cancel()

@@ -244,6 +244,42 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
 
 
 @cli.command()
+@click.option("--model-dir", type=click.Path(), required=True, help="The ONNX package to measure.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The transformers checkpoint of the same weights [default: MODEL_DIR.checkpoint].")
+@click.option("--engines", default="ort,torch", show_default=True, help="ort, torch, or both.")
+@click.option("--scenarios", default=None, help="Comma-separated scenario names [default: all].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--torch-dtype", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16.")
+@click.option("--torch-attn", default="eager", show_default=True, help="Comma-separated: eager, sdpa.")
+@click.option("--reps", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--cuda-graph", is_flag=True, help="phi3v-ort with CUDA graphs.")
+@click.option("--no-share-buffer", is_flag=True, help="phi3v-ort without the shared KV buffer.")
+@click.option("--out", default="benchmarks/results/bench", show_default=True,
+              help="Result path without extension (.json, .md, .png).")
+def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str | None, device: str, torch_dtype: str,
+          torch_attn: str, reps: int, warmup: int, max_new_tokens: int, cuda_graph: bool, no_share_buffer: bool,
+          out: str) -> None:
+    """Measure phi3v-ort against the transformers reference on the same weights."""
+    from .bench.harness import BenchConfig, run, write
+    from .bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+
+    names = tuple(s.strip() for s in scenarios.split(",")) if scenarios else DEFAULT_SCENARIOS
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise Phi3vError(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    cfg = BenchConfig(model_dir=model_dir, checkpoint=checkpoint, engines=tuple(engines.split(",")),
+                      scenarios=names, device=device, torch_dtypes=tuple(torch_dtype.split(",")),
+                      torch_attn=tuple(torch_attn.split(",")), reps=reps, warmup=warmup,
+                      max_new_tokens=max_new_tokens, cuda_graph=cuda_graph, share_buffer=not no_share_buffer, out=out)
+    result = run(cfg)
+    for path in write(result, out):
+        click.echo(str(path))
+
+
+@cli.command()
 def models() -> None:
     """The catalog of published builds and what of it is already on this machine."""
     from .catalog import CATALOG

@@ -1,0 +1,204 @@
+"""`phi3v-ort bench`: prepare inputs once, run each engine in its own process, write JSON + Markdown + PNG.
+
+Each engine runs every scenario with warm-up runs excluded and N repetitions (median and p90 reported), a fixed
+generated length (EOS ignored), greedy decoding. The physical limit of decoding is reported next to the measured
+rate: memory bandwidth / bytes of decoder weights read per token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .common import environment, summarize
+from .scenarios import DEFAULT_SCENARIOS, SCENARIOS, render
+
+# Datasheet peak memory bandwidths (bytes/s), used when the GPU's cannot be measured here; labelled as such.
+DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
+                       "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.56e12, "L4": 3.0e11, "RTX 4090": 1.008e12}
+
+
+@dataclass
+class BenchConfig:
+    model_dir: str
+    checkpoint: str | None = None
+    engines: tuple[str, ...] = ("ort", "torch")
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
+    device: str = "cpu"
+    torch_dtypes: tuple[str, ...] = ("fp32",)
+    torch_attn: tuple[str, ...] = ("eager",)
+    reps: int = 5
+    warmup: int = 1
+    max_new_tokens: int = 32
+    share_buffer: bool = True
+    cuda_graph: bool = False
+    out: str = "benchmarks/results/bench"
+    extra: dict = field(default_factory=dict)
+
+
+def measure_cpu_bandwidth(size_bytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Bytes/s of a large array copy (read + write), best of `reps`: the ceiling for streaming weights."""
+    a = np.ones(size_bytes // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bandwidth(device: str) -> dict:
+    if device != "cuda":
+        return {"bytes_per_s": measure_cpu_bandwidth(), "source": "measured: numpy copy of 512 MiB, best of 5"}
+    name = gpu_name() or ""
+    for key, value in DATASHEET_BANDWIDTH.items():
+        if key.lower() in name.lower():
+            return {"bytes_per_s": value, "source": f"datasheet peak for {name}"}
+    return {"bytes_per_s": None, "source": f"unknown GPU {name!r}"}
+
+
+def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
+    """og-processor tensors for every generate scenario (the reference engine's inputs) and their preprocessing
+    time (image loading + og's processor, median of 3)."""
+    import io
+
+    from ..generation import prepare
+    from ..images import load_image
+    from ..loading import load_model
+
+    model = load_model(cfg.model_dir, device="cpu")
+    prepared = {}
+    for name in cfg.scenarios:
+        scenario = SCENARIOS[name]
+        if scenario.kind != "generate":
+            continue
+        times = []
+        for _ in range(3):
+            images = [load_image("-", stdin=io.BytesIO(render(*spec))) for spec in scenario.images]
+            p = prepare(model, scenario.question, images)
+            times.append(p.preprocess_s)
+        arrays = {"input_ids": np.asarray(p.inputs["input_ids"].as_numpy()).astype(np.int64)}
+        if scenario.images:
+            arrays["pixel_values"] = np.asarray(p.inputs["pixel_values"].as_numpy()).astype(np.float32)
+            arrays["image_sizes"] = np.asarray(p.inputs["image_sizes"].as_numpy()).astype(np.int64)
+        npz = workdir / f"{name}.npz"
+        np.savez(npz, **arrays)
+        prepared[name] = {"npz": str(npz), "preprocess_s": float(np.median(times)), "prompt_tokens": p.prompt_tokens,
+                          "image_tokens": list(p.image_tokens)}
+    del model
+    return prepared
+
+
+def engine_runs(cfg: BenchConfig) -> list[dict]:
+    runs = []
+    if "ort" in cfg.engines:
+        runs.append({"engine": "ort", "label": "phi3v-ort"})
+    if "torch" in cfg.engines:
+        for dtype in cfg.torch_dtypes:
+            for attn in cfg.torch_attn:
+                runs.append({"engine": "torch", "label": f"transformers {dtype} {attn}", "dtype": dtype, "attn": attn})
+    return runs
+
+
+def run(cfg: BenchConfig) -> dict:
+    if "torch" in cfg.engines and not cfg.checkpoint:
+        cfg.checkpoint = str(Path(cfg.model_dir).resolve()) + ".checkpoint"
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="phi3v-bench-") as tmp:
+        workdir = Path(tmp)
+        prepared = prepare_inputs(cfg, workdir)
+        results = []
+        for run_cfg in engine_runs(cfg):
+            config = {**run_cfg, "model_dir": cfg.model_dir, "checkpoint": cfg.checkpoint, "device": cfg.device,
+                      "scenarios": [s for s in cfg.scenarios], "reps": cfg.reps, "warmup": cfg.warmup,
+                      "max_new_tokens": cfg.max_new_tokens, "prepared": prepared, "share_buffer": cfg.share_buffer,
+                      "cuda_graph": cfg.cuda_graph}
+            cfg_path, out_path = workdir / f"{run_cfg['label']}.json", workdir / f"{run_cfg['label']}.result.json"
+            cfg_path.write_text(json.dumps(config))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                                os.environ.get("PYTHONPATH", "")])}
+            proc = subprocess.run([sys.executable, "-m", "phi3v_ort.bench.worker", str(cfg_path), str(out_path)],
+                                  env=env)
+            if proc.returncode != 0 or not out_path.exists():
+                results.append({"label": run_cfg["label"], "error": f"worker exited with {proc.returncode}"})
+                continue
+            results.append(json.loads(out_path.read_text()))
+    result = {"benchmark": "phi3v-ort bench", "started": started, "command": " ".join(sys.argv),
+              "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+              "environment": environment(), "gpu": gpu_name() if cfg.device == "cuda" else None,
+              "prepared": {k: {kk: vv for kk, vv in v.items() if kk != "npz"} for k, v in prepared.items()},
+              "bandwidth": bandwidth(cfg.device), "engines": results}
+    result["limits"] = limits(result)
+    result["ratios"] = ratios(result)
+    return result
+
+
+def limits(result: dict) -> dict:
+    """Decode tokens/s the memory bandwidth allows for each engine's weights (one full read per token)."""
+    bw = result["bandwidth"]["bytes_per_s"]
+    out = {}
+    for e in result["engines"]:
+        if "error" in e or not bw:
+            continue
+        out[e["label"]] = {"weight_bytes": e["weight_bytes"], "decode_limit_tps": bw / e["weight_bytes"]}
+    return out
+
+
+def ratios(result: dict) -> dict:
+    """phi3v-ort over each reference run, per generate scenario: decode speed-up and time-to-first-token ratio."""
+    engines = [e for e in result["engines"] if "error" not in e]
+    ort = next((e for e in engines if e["engine"] == "phi3v-ort"), None)
+    out: dict = {}
+    if ort is None:
+        return out
+    for ref in (e for e in engines if e["engine"] != "phi3v-ort"):
+        rows = {}
+        for name, s in ort["scenarios"].items():
+            r = ref["scenarios"].get(name)
+            if not r or "metrics" not in s or "decode_tps" not in s["metrics"]:
+                continue
+            m, n = s["metrics"], r["metrics"]
+            rows[name] = {"decode_speedup": m["decode_tps"]["median"] / n["decode_tps"]["median"],
+                          "prefill_speedup": n["prefill_s"]["median"] / m["prefill_s"]["median"],
+                          "ttft_ratio": m["ttft_s"]["median"] / n["ttft_s"]["median"],
+                          "preprocess_share_of_ttft": m["preprocess_s"]["median"] / m["ttft_s"]["median"]}
+        if "vision-sweep" in ort["scenarios"] and "vision-sweep" in ref["scenarios"]:
+            rows["vision-sweep"] = {c: ref["scenarios"]["vision-sweep"]["crops"][c]["median"] / v["median"]
+                                    for c, v in ort["scenarios"]["vision-sweep"]["crops"].items()}
+        out[ref["label"]] = rows
+    return out
+
+
+def write(result: dict, out: str) -> list[Path]:
+    from .report import chart, markdown
+
+    base = Path(out)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_suffix(".json"), base.with_suffix(".md")]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths[1].write_text(markdown(result))
+    png = chart(result, base.with_suffix(".png"))
+    if png:
+        paths.append(png)
+    return paths
+
+
+__all__ = ["BenchConfig", "run", "write", "summarize"]
