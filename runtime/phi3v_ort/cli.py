@@ -280,6 +280,34 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
 
 
 @cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="PHI3V_ORT_API_KEY", help="Require `Authorization: Bearer KEY`.")
+@click.option("--max-concurrency", type=int, default=1, show_default=True, help="Generations running at once.")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting; beyond: 429.")
+@click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
+@click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
+def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
+          max_concurrency: int, max_queue: int, allow_remote_images: bool, model_name: str | None) -> None:
+    """An OpenAI-compatible chat-completions server on HOST:PORT."""
+    try:
+        import uvicorn
+
+        from .server import ServerLimits, create_app
+    except ImportError as exc:
+        raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
+    if max_concurrency < 1 or max_queue < 0:
+        raise Phi3vError("--max-concurrency must be at least 1 and --max-queue at least 0")
+    loaded = open_model(model, model_dir, device)
+    name = model_name or model or loaded.info.path.name
+    app = create_app(loaded, name, api_key, ServerLimits(max_concurrency=max_concurrency, max_queue=max_queue),
+                     allow_remote_images)
+    click.echo(f"serving {name} ({loaded.device}) on http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@cli.command()
 def models() -> None:
     """The catalog of published builds and what of it is already on this machine."""
     from .catalog import CATALOG
