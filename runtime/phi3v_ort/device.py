@@ -41,3 +41,19 @@ def resolve_device(requested: str) -> str:
         raise Phi3vError("--device cuda was asked for, but no NVIDIA GPU was found on this machine "
                          "(use --device cpu or auto)")
     return "cpu"
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* pip packages (the `cuda` extra) when the system has none installed.
+
+    onnxruntime-gpu >= 1.21 ships `preload_dlls()` for this; og then finds the libraries already in the process.
+    Harmless where a system CUDA exists or the function is missing.
+    """
+    try:
+        import onnxruntime
+
+        preload = getattr(onnxruntime, "preload_dlls", None)
+        if preload is not None:
+            preload()
+    except Exception:  # noqa: BLE001 - a failed preload only means og looks for a system CUDA, as before
+        pass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import contract
-from .device import resolve_device
+from .device import preload_cuda_libraries, resolve_device
 from .errors import Phi3vError
 from .kv_cache import KVCachePolicy
 
@@ -119,6 +119,8 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
 
     info = read_package(path)
     resolved = resolve_device(device)
+    if resolved == "cuda":
+        preload_cuda_libraries()
     config = og.Config(str(info.path))
     config.clear_providers()
     if resolved == "cuda":
