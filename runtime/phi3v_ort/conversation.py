@@ -5,13 +5,12 @@ so each turn pays the full time to first token again (> 1,900 image tokens per i
 only its own tokens to the kept generator.
 
 What og 0.18 does, measured on the fixture (tests/test_conversation.py checks each point):
-- After `generate_next_token()` the token it just chose is in the sequence but its KV is computed only by the next
-  `generate_next_token()`. `append_tokens()` feeds just the appended ids, so continuing after a turn that ended
-  on `<|end|>` (or on the token budget) leaves a hole in the cache at that token: the next turn's logits then
-  match neither the transcript with nor without it. So the conversation never lets og choose a token: it feeds
-  every token with `append_tokens()` and chooses from `get_logits()` itself (greedy = argmax, identical to og's;
-  sampling in sampling.py). The token that ends a turn is held back and fed first in the next turn. With that, a
-  turn's tokens equal a fresh prefill of the whole transcript.
+- `set_inputs()` runs the prefill at once. `generate_next_token()` chooses a token and appends it to the sequence,
+  but computes its KV only lazily, when the next `generate_next_token()` or a `get_logits()` asks for logits.
+  `append_tokens()` does not do that first: appending after a turn leaves a hole in the cache where the turn's last
+  token (usually `<|end|>`) should be, and the next turn's logits match neither the transcript with that token nor
+  without it. So before appending a new turn the conversation calls `get_logits()`, which feeds the pending token;
+  with that, a later turn's tokens equal a fresh prefill of the whole transcript (exactly, on the fixture).
 - A later turn that brings a new image cannot continue the generator: `set_inputs()` on a live generator and
   `append_tokens()` with image ids both fail in the embedding model (the vision model runs only for the first
   inputs). Such a turn re-prefills the transcript with all images, and says so.
@@ -38,8 +37,7 @@ from .images import ImageInput
 from .kv_cache import kv_cache_bytes
 from .loading import LoadedModel
 from .prompt import system_turn, user_turn
-from .sampling import make_sampler
-from .settings import GenerationSettings
+from .settings import GenerationSettings, search_options
 
 DEFAULT_RESERVE_TOKENS = 2048
 
@@ -54,13 +52,18 @@ class Turn:
 
 @dataclass
 class _Live:
-    """The kept generator and where it stands."""
+    """The kept generator and its fixed budget."""
 
     generator: object
     max_length: int
-    seq_len: int  # tokens whose KV is in the cache
-    held: list[int]  # the token that ended the last turn: chosen, shown, not yet fed
-    history: list[int]  # every token id fed or held, for the repetition penalty
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.generator.get_sequence(0))
+
+    def last_token(self) -> int | None:
+        seq = self.generator.get_sequence(0)
+        return int(seq[-1]) if len(seq) else None
 
 
 class Conversation:
@@ -122,19 +125,17 @@ class Conversation:
     # -- the two ways a turn starts --------------------------------------------------------------------------------
 
     def _continuation_ids(self, live: _Live, user: str) -> list[int]:
-        eos = self.model.info.eos_token_id
-        closed = bool(live.held) and live.held[-1] == eos
+        """The next turn's tokens: `<|end|>` if the last answer was cut by its budget, then the user turn."""
+        closed = live.last_token() == self.model.info.eos_token_id
         text = ("" if closed else "<|end|>") + "\n" + user
-        return live.held + [int(t) for t in self.model.tokenizer.encode(text)]
+        return [int(t) for t in self.model.tokenizer.encode(text)]
 
     def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
         live = self._live
         assert live is not None
         t_prefill = time.perf_counter()
+        live.generator.get_logits()  # feeds the last turn's final token, which og computes lazily (see above)
         live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        live.seq_len += len(ids)
-        live.history.extend(i for i in ids if i >= 0)
-        live.held = []
         yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
                                 prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
 
@@ -160,18 +161,13 @@ class Conversation:
                              f"is {context}: it cannot fit with even one new token")
         max_length = min(context, prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
         params = og.GeneratorParams(self.model.og_model)
-        params.set_search_options(max_length=max_length, past_present_share_buffer=self.model.policy.share_buffer)
+        params.set_search_options(**search_options(self.settings, max_length, self.model.policy.share_buffer))
         generator = og.Generator(self.model.og_model, params)
         preprocess_s = time.perf_counter() - started + sum(img.load_s for img in turn.images)
 
         t_prefill = time.perf_counter()
-        # Everything but the last prompt token goes in with the images; appending that last token runs the
-        # prefill and leaves its logits to choose from, with nothing chosen by og (see the module docstring).
-        inputs["input_ids"] = ids[..., :-1].astype(ids.dtype)
         generator.set_inputs(inputs)
-        generator.append_tokens(ids[..., -1:].reshape(-1).astype(np.int32))
-        self._live = _Live(generator=generator, max_length=max_length, seq_len=prompt_tokens, held=[],
-                           history=[int(i) for i in ids.reshape(-1) if i >= 0])
+        self._live = _Live(generator=generator, max_length=max_length)
         yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
                                 prompt_tokens=prompt_tokens, image_tokens=image_tokens, kv_reused=False,
                                 reason=reason)
@@ -181,42 +177,32 @@ class Conversation:
     def _decode(self, turn: Turn, live: _Live, started: float, t_prefill: float, *, preprocess_s: float,
                 prompt_tokens: int, image_tokens: tuple[int, ...], kv_reused: bool,
                 reason: str | None) -> Iterator[TokenEvent | Finished]:
-        settings = self.settings
-        sample = make_sampler(settings)
         eos = self.model.info.eos_token_id
-        vocab = self.model.info.vocab_size
         stream = self.model.tokenizer.create_stream()
+        generator = live.generator
         tokens: list[int] = []
         pieces: list[str] = []
         t_first = t_last = t_prefill
         at_start = True
         self.turns.append(turn)  # part of the transcript from now on, even if the consumer stops early
-        fed_before = live.seq_len
+        turn_start = live.seq_len
         try:
-            while True:
-                logits = np.asarray(live.generator.get_logits()).reshape(-1, vocab)[-1]
-                token = sample(logits, live.history)
+            while not generator.is_done() and len(tokens) < self.settings.max_new_tokens:
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
                 t_last = time.perf_counter()
                 if not tokens:
                     t_first = t_last
                 tokens.append(token)
-                live.history.append(token)
                 text = "" if token == eos else stream.decode(token)
                 if at_start and text:
                     text, at_start = text.removeprefix(" "), False
                 pieces.append(text)
-                turn.answer, turn.answer_ids = "".join(pieces), list(tokens)
+                turn.answer = "".join(pieces)
                 yield TokenEvent(text=text, token_id=token)
-                if (token == eos and not settings.ignore_eos) or len(tokens) >= settings.max_new_tokens \
-                        or live.seq_len + 1 >= live.max_length:
-                    break
-                live.generator.append_tokens(np.asarray([token], dtype=np.int32))
-                live.seq_len += 1
         finally:
-            # Also after Ctrl-C or an abandoned stream: read back what og really holds, so the chosen tokens that
-            # were not fed yet (at most the last one) are fed first by the next turn.
-            live.seq_len = len(live.generator.get_sequence(0))
-            live.held = tokens[live.seq_len - fed_before:]
+            # What og holds is the truth, also after Ctrl-C or an abandoned stream.
+            turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]
 
         prefill_s, decode_s = t_first - t_prefill, t_last - t_first
         stats = GenerationStats(
@@ -225,7 +211,7 @@ class Conversation:
             prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0, decode_s=decode_s,
             decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
             generated_tokens=len(tokens), finish_reason="stop" if tokens[-1] == eos else "length",
-            max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=False,
+            max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=self.model.cuda_graph,
             kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
             kv_reused=kv_reused, reprefill_reason=reason)
         self.last_stats = stats

@@ -123,9 +123,13 @@ def make_modules(p: Preset, seed: int):
 
 
 def checkpoint_state(decoder, image) -> dict:
-    """One state dict with the real Phi-3-vision checkpoint's names."""
+    """One state dict with the real Phi-3-vision checkpoint's names. transformers 5's CLIPVisionModel has no inner
+    `vision_model` module any more; the real checkpoint (saved with transformers 4.x) has it, so it goes back in."""
     state = {k: v for k, v in decoder.state_dict().items()}
-    state.update({f"model.vision_embed_tokens.{k}": v for k, v in image.state_dict().items()})
+    for k, v in image.state_dict().items():
+        if k.startswith("img_processor.") and not k.startswith("img_processor.vision_model."):
+            k = "img_processor.vision_model." + k[len("img_processor."):]
+        state[f"model.vision_embed_tokens.{k}"] = v
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 

@@ -1,0 +1,309 @@
+"""Build tier: the ONNX package (onnxruntime-genai) and the transformers reference (torch_reference) agree.
+
+One fp32 tiny package + checkpoint is built per module; both engines get the very same tensors from og's
+multimodal processor (PNG images, so no decoder rounding enters) and must give the same greedy tokens and close
+logits: text-only, one image (1936 prompt tokens: LongRoPE's short factors), two images (4315 prompt tokens,
+past the original 4096 context: the long factors and og's If-selected long rotary cache), and one image with a
+long question (4090 prompt tokens) whose decode crosses 4096 on the 7th new token, where both engines must switch
+from the short to the long rotary factors at the same step (keeping the cached keys as they were rotated).
+
+Skipped with a reason when the build extra (torch, transformers, onnx, ...) is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+
+from .conftest import needs_build
+
+pytestmark = [needs_build, pytest.mark.build]
+
+NEW_TOKENS = 16
+QUESTION = "Describe the image."
+IMAGES = ((640, 400, 1), (300, 700, 2))  # (width, height, seed): 1921 and 2377 image tokens
+# name: (images, question, prompt tokens). " word" is 2 tokens in the synthetic tokenizer: 1936 + 2 * 1077 = 4090.
+CASES = {
+    "text": (0, QUESTION, 13),
+    "one-image": (1, QUESTION, 1936),
+    "two-images": (2, QUESTION, 4315),
+    "crossing-4096": (1, QUESTION + " word" * 1077, 4090),
+}
+
+# Logit tolerance, relative to the largest |logit| the reference picked a token from (~0.55 on random weights).
+# Both sides run fp32; they differ only in summation order: MLAS GEMMs vs torch's, GroupQueryAttention's fused
+# softmax and in-kernel rotary vs transformers' eager attention, fused SkipSimplifiedLayerNormalization, and the
+# ONNX export of the vision tower. Measured (2-core x86 CPU): <= 1.2e-6 relative on all four prompts, over every
+# prefill position and every decode step. 1e-5 leaves ~10x headroom for other CPUs/BLAS kernels and still
+# catches real mismatches: dropping LongRoPE's magnitude scale (1.04 for this 8192/4096 preset) moves the logits
+# by 2-3e-4 relative, taking the short factors past 4096 tokens by 3.5e-3 (two-image prompt) or by 1-3e-3 from
+# the step that crosses 4096 (crossing-4096).
+# Not a bound on greedy ties: the one-image prompt has a step whose top-2 gap is only ~2e-5 absolute; the tokens
+# still agree because the engines agree to ~1e-6, and a flip is reported with its gap (never tolerated).
+LOGIT_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from phi3v_ort.synthetic.package import BuildOptions, build_package
+
+    out = tmp_path_factory.mktemp("parity") / "tiny-fp32"
+    build_package(out, BuildOptions(preset="tiny", precision="fp32", provider="cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime_model(built):
+    from phi3v_ort.loading import load_model
+
+    return load_model(built, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(built):
+    from phi3v_ort.torch_reference import Phi3VisionReference
+
+    return Phi3VisionReference.from_checkpoint(built.with_name(built.name + ".checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Greedy tokens per prompt, filled by the parity test and reused by the real-layout test."""
+    return {}
+
+
+def _images(png, n):
+    from phi3v_ort.images import load_image
+
+    return [load_image(str(png(w, h, seed=s))) for w, h, s in IMAGES[:n]]
+
+
+def og_steps(model, inputs, prompt_len, max_new_tokens):
+    """A bare og loop: (tokens, full prefill logits [S, vocab], the logits each token was picked from).
+
+    In og 0.18 `set_inputs` already runs the prefill: its logits are there before the first
+    `generate_next_token()`, which picks a token and then runs the decoder on it (so `get_logits()` after it is the
+    *next* step's)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_len + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.set_inputs(inputs)
+    prefill = np.asarray(gen.get_output("logits"))[0]
+    tokens, steps = [], []
+    while not gen.is_done():
+        steps.append(np.asarray(gen.get_logits()).reshape(-1).copy())
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    del gen
+    return tokens, prefill, np.stack(steps)
+
+
+def _torch_inputs(prepared):
+    ids = prepared.inputs["input_ids"].as_numpy()
+    if not prepared.image_tokens:
+        return ids, None, None
+    return ids, prepared.inputs["pixel_values"].as_numpy(), prepared.inputs["image_sizes"].as_numpy()
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 256) -> float:
+    """max |a - b| over [S, vocab] arrays, a block of rows at a time (a 4k-token prompt's logits are 550 MB)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return max(float(np.abs(a[i:i + rows] - b[i:i + rows]).max()) for i in range(0, len(a), rows))
+
+
+def _first_flip(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _top2_gap(logits: np.ndarray) -> float:
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_onnx_package_matches_the_torch_reference(runtime_model, reference, results, png, case):
+    from phi3v_ort.generation import generate, prepare
+    from phi3v_ort.settings import GenerationSettings
+
+    n_images, question, prompt_tokens = CASES[case]
+    images = _images(png, n_images)
+    finished = generate(runtime_model, question, images, GenerationSettings(max_new_tokens=NEW_TOKENS))
+    prepared = prepare(runtime_model, question, images)
+    assert prepared.prompt_tokens == prompt_tokens
+    og_tokens, og_prefill, og_step_logits = og_steps(runtime_model.og_model, prepared.inputs,
+                                                     prepared.prompt_tokens, NEW_TOKENS)
+
+    ids, pixel_values, image_sizes = _torch_inputs(prepared)
+    trace = reference.greedy_steps(ids, pixel_values, image_sizes, max_new_tokens=NEW_TOKENS,
+                                   keep_prefill_logits=True)
+    pt_tokens, pt_step_logits, pt_prefill = trace.tokens, trace.step_logits.numpy(), trace.prefill_logits.numpy()
+    results[case] = pt_tokens
+
+    # (b) logits: every prompt position of the prefill, then the logits each new token was picked from.
+    scale = float(np.abs(pt_step_logits).max())
+    prefill_diff = _max_abs_diff(og_prefill, pt_prefill)
+    n = min(len(og_step_logits), len(pt_step_logits))
+    step_diff = float(np.abs(og_step_logits[:n] - pt_step_logits[:n]).max())
+    print(f"\n[{case}: {n_images} image(s), {prepared.prompt_tokens} prompt tokens] max |logit| {scale:.3g}; "
+          f"prefill max abs diff {prefill_diff:.3g} (rel {prefill_diff / scale:.3g}); "
+          f"decode steps max abs diff {step_diff:.3g} (rel {step_diff / scale:.3g})")
+    assert prefill_diff <= LOGIT_RTOL * scale, f"prefill logits differ by {prefill_diff:.3g} (scale {scale:.3g})"
+
+    # (a) greedy tokens: the runtime, a bare og loop and the torch reference.
+    assert list(finished.token_ids) == og_tokens, "the runtime and a bare og loop disagree"
+    if og_tokens != pt_tokens:
+        i = _first_flip(og_tokens, pt_tokens)
+        gap = _top2_gap(pt_step_logits[i]) if i < len(pt_step_logits) else float("nan")
+        tie = gap <= LOGIT_RTOL * scale
+        pytest.fail(f"greedy tokens diverge at new token {i}: og {og_tokens[i:i + 3]}..., torch "
+                    f"{pt_tokens[i:i + 3]}...; torch's top-2 gap there is {gap:.3g} "
+                    f"({'a near-tie within' if tie else 'NOT a tie: above'} the logit tolerance "
+                    f"{LOGIT_RTOL * scale:.3g})")
+    assert len(pt_tokens) == NEW_TOKENS or pt_tokens[-1] in reference.eos_token_ids
+    assert step_diff <= LOGIT_RTOL * scale, f"decode-step logits differ by {step_diff:.3g} (scale {scale:.3g})"
+
+
+def test_sdpa_reference_matches_eager(built, reference, runtime_model, png):
+    from phi3v_ort.generation import prepare
+    from phi3v_ort.torch_reference import Phi3VisionReference
+
+    sdpa = Phi3VisionReference.from_checkpoint(built.with_name(built.name + ".checkpoint"),
+                                               attn_implementation="sdpa")
+    ids, pixel_values, image_sizes = _torch_inputs(prepare(runtime_model, QUESTION, _images(png, 1)))
+    eager = reference.greedy_steps(ids, pixel_values, image_sizes, max_new_tokens=8)
+    sdpa_trace = sdpa.greedy_steps(ids, pixel_values, image_sizes, max_new_tokens=8)
+    assert sdpa_trace.tokens == eager.tokens
+    scale = float(eager.step_logits.abs().max())
+    assert float((sdpa_trace.step_logits - eager.step_logits).abs().max()) <= LOGIT_RTOL * scale
+
+
+# -- the real checkpoint's layout --------------------------------------------------------------------------------
+
+def write_real_layout(ckpt, out, shards=2):
+    """`ckpt` rewritten as microsoft/Phi-3-vision-128k-instruct lays it out: its config.json format (rope_scaling
+    "su", top-level rope_theta, img_processor, no vision_config, auto_map, flash-attention, bf16 dtype label) and
+    the tensors split into `model-0000k-of-0000n.safetensors` shards with an index, under the real names: the
+    CLIP tower as `model.vision_embed_tokens.img_processor.vision_model.*` (transformers 4.x's CLIPVisionModel,
+    which the real checkpoint was saved with; transformers 5 -- hence the synthetic checkpoint -- drops the inner
+    `vision_model.`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    synthetic = json.loads((ckpt / "config.json").read_text())
+    rope = synthetic["rope_parameters"]
+    config = {
+        "_name_or_path": "Phi-3-vision-128k-instruct",
+        "architectures": ["Phi3VForCausalLM"],
+        "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                     "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
+        "bos_token_id": 1,
+        "embd_layer": synthetic["embd_layer"],
+        "embd_pdrop": 0.0,
+        "eos_token_id": 2,  # the real config.json names </s>; <|end|> comes from the tokenizer (see _eos_ids)
+        "hidden_act": "silu",
+        "hidden_size": synthetic["hidden_size"],
+        "img_processor": synthetic["img_processor"],
+        "initializer_range": 0.02,
+        "intermediate_size": synthetic["intermediate_size"],
+        "max_position_embeddings": synthetic["max_position_embeddings"],
+        "model_type": "phi3_v",
+        "num_attention_heads": synthetic["num_attention_heads"],
+        "num_hidden_layers": synthetic["num_hidden_layers"],
+        "num_key_value_heads": synthetic["num_key_value_heads"],
+        "original_max_position_embeddings": synthetic["original_max_position_embeddings"],
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": synthetic["rms_norm_eps"],
+        "rope_scaling": {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"},
+        "rope_theta": rope["rope_theta"],
+        "sliding_window": synthetic["max_position_embeddings"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.38.1",
+        "use_cache": True,
+        "vocab_size": synthetic["vocab_size"],
+        "_attn_implementation": "flash_attention_2",
+    }
+    assert "vision_config" not in config
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    flat, nested = "model.vision_embed_tokens.img_processor.", "model.vision_embed_tokens.img_processor.vision_model."
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        tensors = {(nested + k[len(flat):] if k.startswith(flat) and not k.startswith(nested) else k): f.get_tensor(k)
+                   for k in f.keys()}
+    assert any(k.startswith(nested) for k in tensors)
+    names = sorted(tensors)
+    weight_map, total = {}, 0
+    for k in range(shards):
+        part = names[k::shards]
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+        total += sum(tensors[n].numel() * tensors[n].element_size() for n in part)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def _tiny_clip_override(ckpt):
+    """The synthetic CLIP's dims, given explicitly (the real layout implies ViT-L/14-336)."""
+    vision = json.loads((ckpt / "config.json").read_text())["vision_config"]
+    return {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+
+
+def test_real_checkpoint_layout_loads_and_generates_the_same(built, reference, runtime_model, results, png, tmp_path):
+    import torch
+
+    from phi3v_ort.generation import prepare
+    from phi3v_ort.torch_reference import CheckpointError, Phi3VisionReference
+
+    ckpt = built.with_name(built.name + ".checkpoint")
+    real = write_real_layout(ckpt, tmp_path / "Phi-3-vision-128k-instruct")
+
+    # Without the override the loader assumes ViT-L/14-336 and says exactly what does not fit.
+    with pytest.raises(CheckpointError, match="image_dim_out|shape mismatch"):
+        Phi3VisionReference.from_checkpoint(real)
+
+    loaded = Phi3VisionReference.from_checkpoint(real, clip_config=_tiny_clip_override(ckpt))
+    assert loaded.decoder.config.rope_parameters["rope_type"] == "longrope"
+    assert loaded.decoder.config.rope_parameters["original_max_position_embeddings"] == 4096
+    assert loaded.vision.img_processor.config.hidden_act == "quick_gelu"
+    assert 32007 in loaded.eos_token_ids and 2 in loaded.eos_token_ids
+    ours = reference.state_dict()
+    theirs = loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    # The rotary tables (short and long) come out the same from "su" + rope_theta as from rope_parameters.
+    assert torch.equal(loaded.decoder.model.rotary_emb.inv_freq, reference.decoder.model.rotary_emb.inv_freq)
+    assert loaded.decoder.model.rotary_emb.attention_scaling == reference.decoder.model.rotary_emb.attention_scaling
+
+    ids, pixel_values, image_sizes = _torch_inputs(prepare(runtime_model, QUESTION, _images(png, 1)))
+    expected = results.get("one-image") or reference.generate_greedy(ids, pixel_values, image_sizes, NEW_TOKENS)
+    assert loaded.generate_greedy(ids, pixel_values, image_sizes, NEW_TOKENS) == expected
+
+
+def test_loader_lists_missing_and_unexpected_keys(built, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from phi3v_ort.torch_reference import CheckpointError, Phi3VisionReference
+
+    ckpt = built.with_name(built.name + ".checkpoint")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(ckpt / "config.json", broken / "config.json")
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.pop("model.vision_embed_tokens.glb_GN")
+    tensors["vision_model.sub_GN"] = tensors.pop("model.vision_embed_tokens.sub_GN")
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        Phi3VisionReference.from_checkpoint(broken)
+    message = str(err.value)
+    assert "2 missing key(s)" in message and "model.vision_embed_tokens.glb_GN" in message
+    assert "1 unexpected key(s)" in message and "vision_model.sub_GN" in message
