@@ -1,8 +1,14 @@
 """Fetch a published build from the Hugging Face hub, check what arrived, find what is already on disk.
 
-huggingface_hub does the work (progress bars, resume from `.incomplete` files, the shared cache); this module
-adds the catalog lookup, a check of the hub's live file list before downloading, a check of the folder after
-it (a folder that is not complete is reported and fetched again, never loaded), and one sentence per failure.
+huggingface_hub does the work (progress bars, retries, the shared cache); this module adds the catalog lookup,
+a check of the hub's live file list before downloading, a check of the folder after it (a folder that is not
+complete is reported and fetched again, never loaded), and one sentence per failure.
+
+Resuming, as huggingface_hub 2.4 does it (checked against the loopback hub in tests/fake_hub.py): a connection
+dropped mid-file is retried within the same call from the last 10 MiB written; files already complete are never
+downloaded again; a file cut off by Ctrl-C or a failed call restarts from zero on the next fetch (the client
+deletes its per-attempt `.incomplete` file), and nothing half-written ever sits under the final name.
+HF_ENDPOINT and HF_HUB_CACHE are read when a fetch runs, not only when huggingface_hub is imported.
 """
 
 from __future__ import annotations
@@ -33,6 +39,19 @@ class LocalCopy:
 def endpoint() -> str | None:
     """HF_ENDPOINT as it is now (huggingface_hub reads it once at import; a fetch honours the current value)."""
     return os.environ.get("HF_ENDPOINT") or None
+
+
+def hub_cache(cache_dir: str | None = None) -> str:
+    """The hub cache to use: the argument, else HF_HUB_CACHE / HF_HOME as they are now, else the client's default."""
+    if cache_dir:
+        return cache_dir
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def check_folder(path: Path, variant: Variant, expected_sizes: dict[str, int] | None = None) -> str | None:
@@ -73,7 +92,7 @@ def locate(variant: Variant, revision: str | None = None, cache_dir: str | None 
 
         try:
             root = snapshot_download(variant.repo, revision=revision, allow_patterns=[f"{variant.folder}/*"],
-                                     cache_dir=cache_dir, local_files_only=True)
+                                     cache_dir=hub_cache(cache_dir), local_files_only=True)
         except Exception:  # nothing cached for that repo/revision: LocalEntryNotFoundError and relatives
             return LocalCopy(variant, None, False, 0, None)
         path = Path(root) / variant.folder
@@ -103,14 +122,14 @@ def fetch(variant: Variant, revision: str | None = None, cache_dir: str | None =
         raise Phi3vError(f"the hub's copy of {variant.repo}/{variant.folder} lacks {missing[0]}: "
                          "it cannot be used as a Phi-3-vision package")
 
-    target = Path(local_dir).expanduser() if local_dir else Path(cache_dir or _hub_cache())
+    target = Path(local_dir).expanduser() if local_dir else Path(hub_cache(cache_dir))
     need = sum(size or 0 for size in listed.values())
     _check_disk(target, need, variant)
     print(f"Fetching {variant.label} from {variant.repo} ({variant.folder}, {need / 2**30:.2f} GB) "
           f"into {target}", file=sys.stderr, flush=True)
     try:
-        root = snapshot_download(variant.repo, revision=info.sha, allow_patterns=[f"{variant.folder}/*"],
-                                 cache_dir=None if local_dir else cache_dir, local_dir=local_dir,
+        root = snapshot_download(variant.repo, revision=revision, allow_patterns=[f"{variant.folder}/*"],
+                                 cache_dir=None if local_dir else hub_cache(cache_dir), local_dir=local_dir,
                                  endpoint=endpoint())
     except BaseException as exc:
         raise hub_error(exc, variant, revision, target) from None
@@ -131,12 +150,6 @@ def ensure(variant: Variant, revision: str | None = None, cache_dir: str | None 
     if local.problem:
         print(f"The copy on disk is not usable ({local.problem}); fetching it again.", file=sys.stderr, flush=True)
     return fetch(variant, revision, cache_dir, local_dir)
-
-
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
 
 
 def _check_disk(target: Path, need: int, variant: Variant) -> None:
