@@ -88,14 +88,11 @@ def locate(variant: Variant, revision: str | None = None, cache_dir: str | None 
     if local_dir:
         path = Path(local_dir).expanduser() / variant.folder
     else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            root = snapshot_download(variant.repo, revision=revision, allow_patterns=[f"{variant.folder}/*"],
-                                     cache_dir=hub_cache(cache_dir), local_files_only=True)
-        except Exception:  # nothing cached for that repo/revision: LocalEntryNotFoundError and relatives
-            return LocalCopy(variant, None, False, 0, None)
-        path = Path(root) / variant.folder
+        # The hub cache's documented layout: models--ORG--NAME/refs/REVISION holds the commit of snapshots/COMMIT/.
+        repo_dir = Path(hub_cache(cache_dir)) / f"models--{variant.repo.replace('/', '--')}"
+        ref = repo_dir / "refs" / (revision or "main")
+        commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+        path = repo_dir / "snapshots" / commit / variant.folder
     if not path.exists():
         return LocalCopy(variant, None, False, 0, None)
     problem = check_folder(path, variant)
