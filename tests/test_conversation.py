@@ -133,3 +133,33 @@ def test_reset_and_transcript(model):
     conv.reset()
     assert conv.turns == [] and conv.to_dict()["turns"] == []
     assert not run_turn(conv, "Hi again")[-1].stats.kv_reused
+
+
+def test_changed_sampling_settings_re_prefill(model):
+    conv = Conversation(model, GenerationSettings(max_new_tokens=3))
+    run_turn(conv, "Hello")
+    conv.settings = GenerationSettings(max_new_tokens=3, do_sample=True, temperature=0.7, seed=1)
+    events = run_turn(conv, "Again, but creative")
+    assert any(isinstance(e, Notice) and "sampling settings changed" in e.message for e in events)
+    assert not events[-1].stats.kv_reused
+    assert run_turn(conv, "Once more")[-1].stats.kv_reused  # same settings again: continues
+
+
+def test_a_turn_that_ended_on_end_token_continues(model):
+    """After <|end|> og's generator reports done; get_logits + append_tokens revive it, and the transcript gets
+    no second <|end|>. (Random weights never choose <|end|> themselves, so the test forces it with set_logits.)"""
+    conv = Conversation(model, GenerationSettings(max_new_tokens=3))
+    run_turn(conv, "Hello")
+    gen = conv._live.generator
+    gen.get_logits()
+    forced = np.full((1, 32064), -10.0, dtype=np.float32)
+    forced[0, 32007] = 10.0
+    gen.set_logits(forced)
+    gen.generate_next_token()
+    assert gen.is_done() and int(gen.get_next_tokens()[0]) == 32007
+    before = len(gen.get_sequence(0))
+    second = run_turn(conv, "And then?")[-1]
+    assert second.stats.kv_reused and second.stats.generated_tokens == 3
+    seq = [int(t) for t in gen.get_sequence(0)]
+    continuation = seq[before:before + 3]
+    assert seq[before - 1] == 32007 and continuation[:2] == [345, 13] and continuation[2] == 32010  # "\n<|user|>"

@@ -350,4 +350,4 @@ def fetch(model: str | None, variant: str | None, revision: str | None, local_di
 
 
 def main() -> None:
-    cli()
+    cli()  # click itself turns a Ctrl-C outside the generation loops into "Aborted!" (exit 1), no traceback

@@ -56,6 +56,7 @@ class _Live:
 
     generator: object
     max_length: int
+    sampling: tuple  # the og search options it was created with (other than its length): fixed for its life
 
     @property
     def seq_len(self) -> int:
@@ -103,6 +104,8 @@ class Conversation:
         if live is not None:
             if images:
                 reason = "a new image needs the vision model, which runs only on a fresh generator"
+            elif live.sampling != self._sampling():
+                reason = "the sampling settings changed, and og fixes them when a generator is created"
             else:
                 continuation = self._continuation_ids(live, user)
                 if live.seq_len + len(continuation) + self.settings.max_new_tokens > live.max_length:
@@ -167,7 +170,7 @@ class Conversation:
 
         t_prefill = time.perf_counter()
         generator.set_inputs(inputs)
-        self._live = _Live(generator=generator, max_length=max_length)
+        self._live = _Live(generator=generator, max_length=max_length, sampling=self._sampling())
         yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
                                 prompt_tokens=prompt_tokens, image_tokens=image_tokens, kv_reused=False,
                                 reason=reason)
@@ -210,12 +213,16 @@ class Conversation:
             time_to_first_token_s=t_first - started,
             prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0, decode_s=decode_s,
             decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            generated_tokens=len(tokens), finish_reason="stop" if tokens[-1] == eos else "length",
+            generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
             max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=self.model.cuda_graph,
             kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
             kv_reused=kv_reused, reprefill_reason=reason)
         self.last_stats = stats
         yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
+
+    def _sampling(self) -> tuple:
+        options = search_options(self.settings, 0, self.model.policy.share_buffer)
+        return tuple(sorted((k, v) for k, v in options.items() if k not in ("max_length", "min_length")))
 
     # -- transcript --------------------------------------------------------------------------------------------
 
