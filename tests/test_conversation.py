@@ -145,21 +145,29 @@ def test_changed_sampling_settings_re_prefill(model):
     assert run_turn(conv, "Once more")[-1].stats.kv_reused  # same settings again: continues
 
 
-def test_a_turn_that_ended_on_end_token_continues(model):
-    """After <|end|> og's generator reports done; get_logits + append_tokens revive it, and the transcript gets
-    no second <|end|>. (Random weights never choose <|end|> themselves, so the test forces it with set_logits.)"""
+@pytest.mark.parametrize("ending", ["budget", "end-token"])
+def test_turn_two_cache_equals_a_fresh_prefill_for_both_endings(model, png, ending):
+    """After turn 2, every position of the kept cache equals a fresh prefill of the sequence: the logits after
+    feeding its last token match. Covers a turn cut by its budget (last token fed lazily) and one ended by <|end|>
+    (og leaves <|end|> out of the sequence). Random weights never choose <|end|>, so that ending is forced with
+    set_logits, exactly where og would have chosen it."""
+    image = load_image(str(png(600, 900, seed=3)))
     conv = Conversation(model, GenerationSettings(max_new_tokens=3))
-    run_turn(conv, "Hello")
-    gen = conv._live.generator
-    gen.get_logits()
-    forced = np.full((1, 32064), -10.0, dtype=np.float32)
-    forced[0, 32007] = 10.0
-    gen.set_logits(forced)
-    gen.generate_next_token()
-    assert gen.is_done() and int(gen.get_next_tokens()[0]) == 32007
-    before = len(gen.get_sequence(0))
+    run_turn(conv, "What is this?", [image])
+    live = conv._live
+    if ending == "end-token":
+        gen = live.generator
+        gen.get_logits()  # og computes the logits the next choice is made from
+        forced = np.full((1, 32064), -10.0, dtype=np.float32)
+        forced[0, 32007] = 10.0
+        gen.set_logits(forced)
+        gen.generate_next_token()
+        assert gen.is_done() and int(gen.get_next_tokens()[0]) == 32007
+        live.unfed_last_token = False  # what Conversation._decode records when a turn ends on <|end|>
     second = run_turn(conv, "And then?")[-1]
     assert second.stats.kv_reused and second.stats.generated_tokens == 3
+    gen = live.generator
     seq = [int(t) for t in gen.get_sequence(0)]
-    continuation = seq[before:before + 3]
-    assert seq[before - 1] == 32007 and continuation[:2] == [345, 13] and continuation[2] == 32010  # "\n<|user|>"
+    assert seq.count(32007) == 3  # question 1's <|end|>, turn 1 closed once, question 2's <|end|>
+    gen.get_logits()  # feed turn 2's last token, then compare the whole cache through the next logits
+    np.testing.assert_allclose(np.asarray(gen.get_logits()).ravel(), fresh_logits(model, [image], seq), atol=1e-5)

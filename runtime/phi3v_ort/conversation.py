@@ -5,12 +5,17 @@ so each turn pays the full time to first token again (> 1,900 image tokens per i
 only its own tokens to the kept generator.
 
 What og 0.18 does, measured on the fixture (tests/test_conversation.py checks each point):
-- `set_inputs()` runs the prefill at once. `generate_next_token()` chooses a token and appends it to the sequence,
-  but computes its KV only lazily, when the next `generate_next_token()` or a `get_logits()` asks for logits.
-  `append_tokens()` does not do that first: appending after a turn leaves a hole in the cache where the turn's last
-  token (usually `<|end|>`) should be, and the next turn's logits match neither the transcript with that token nor
-  without it. So before appending a new turn the conversation calls `get_logits()`, which feeds the pending token;
-  with that, a later turn's tokens equal a fresh prefill of the whole transcript (exactly, on the fixture).
+- `set_inputs()` runs the prefill at once. `generate_next_token()` appends the chosen token to the sequence but
+  computes its KV only when logits are next needed (the next `generate_next_token()`, or `get_logits()`);
+  `append_tokens()` does not do that first. A turn cut by its token budget therefore ends with a token that is in
+  the sequence but not in the cache, and appending the next turn straight away leaves a hole there: the next
+  turn's logits match neither the transcript with that token nor without it. The conversation calls
+  `get_logits()` first, which feeds it.
+- A turn that ends on `<|end|>` is different: og marks the generator done and does not append `<|end|>` to the
+  sequence at all, and the token before it is already fed. Calling `get_logits()` there would feed `<|end|>` at a
+  position the sequence does not have (the next turn's logits are then off), so nothing is flushed; `append_tokens`
+  revives the generator. Either way the next turn starts with `<|end|>\n<|user|>\n...`, and its tokens equal a fresh
+  prefill of the whole transcript (exactly, on the fixture; tests/test_conversation.py checks both endings).
 - A later turn that brings a new image cannot continue the generator: `set_inputs()` on a live generator and
   `append_tokens()` with image ids both fail in the embedding model (the vision model runs only for the first
   inputs). Such a turn re-prefills the transcript with all images, and says so.
@@ -57,14 +62,11 @@ class _Live:
     generator: object
     max_length: int
     sampling: tuple  # the og search options it was created with (other than its length): fixed for its life
+    unfed_last_token: bool = False  # the last turn was cut by its budget: its last token still needs feeding
 
     @property
     def seq_len(self) -> int:
         return len(self.generator.get_sequence(0))
-
-    def last_token(self) -> int | None:
-        seq = self.generator.get_sequence(0)
-        return int(seq[-1]) if len(seq) else None
 
 
 class Conversation:
@@ -128,16 +130,15 @@ class Conversation:
     # -- the two ways a turn starts --------------------------------------------------------------------------------
 
     def _continuation_ids(self, live: _Live, user: str) -> list[int]:
-        """The next turn's tokens: `<|end|>` if the last answer was cut by its budget, then the user turn."""
-        closed = live.last_token() == self.model.info.eos_token_id
-        text = ("" if closed else "<|end|>") + "\n" + user
-        return [int(t) for t in self.model.tokenizer.encode(text)]
+        """The next turn's tokens: `<|end|>` (never in og's sequence, see above), then the user turn."""
+        return [int(t) for t in self.model.tokenizer.encode("<|end|>\n" + user)]
 
     def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
         live = self._live
         assert live is not None
         t_prefill = time.perf_counter()
-        live.generator.get_logits()  # feeds the last turn's final token, which og computes lazily (see above)
+        if live.unfed_last_token:
+            live.generator.get_logits()  # feeds the token that ended the last turn (og computes it lazily)
         live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
         yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
                                 prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
@@ -206,6 +207,7 @@ class Conversation:
         finally:
             # What og holds is the truth, also after Ctrl-C or an abandoned stream.
             turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]
+            live.unfed_last_token = bool(tokens) and tokens[-1] != eos
 
         prefill_s, decode_s = t_first - t_prefill, t_last - t_first
         stats = GenerationStats(

@@ -88,7 +88,7 @@ def markdown(r: dict) -> str:
                                                                    for k, v in m["time_split_s"].items()) + "."]
 
     bw = r["bandwidth"]
-    if r.get("limits"):
+    if r.get("limits") and r.get("prepared"):  # only runs with generate scenarios have decode rates to compare
         lines += ["", "## Physical limit of decoding", "",
                   f"Memory bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['source']}). One decode step reads "
                   "every decoder weight once, so decode tokens/s <= bandwidth / weight bytes.", "",
