@@ -37,7 +37,7 @@ import numpy as np
 
 from . import contract
 from .errors import Phi3vError
-from .generation import Finished, GenerationStats, Notice, TokenEvent
+from .generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
 from .images import ImageInput
 from .kv_cache import kv_cache_bytes
 from .loading import LoadedModel
@@ -182,33 +182,24 @@ class Conversation:
                 prompt_tokens: int, image_tokens: tuple[int, ...], kv_reused: bool,
                 reason: str | None) -> Iterator[TokenEvent | Finished]:
         eos = self.model.info.eos_token_id
-        stream = self.model.tokenizer.create_stream()
         generator = live.generator
         tokens: list[int] = []
         pieces: list[str] = []
-        t_first = t_last = t_prefill
-        at_start = True
+        clock = DecodeClock(t_prefill, t_prefill)
         self.turns.append(turn)  # part of the transcript from now on, even if the consumer stops early
         turn_start = live.seq_len
         try:
-            while not generator.is_done() and len(tokens) < self.settings.max_new_tokens:
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                t_last = time.perf_counter()
-                if not tokens:
-                    t_first = t_last
-                tokens.append(token)
-                text = "" if token == eos else stream.decode(token)
-                if at_start and text:
-                    text, at_start = text.removeprefix(" "), False
-                pieces.append(text)
+            for event in decode_tokens(generator, self.model.tokenizer, eos, self.settings.max_new_tokens, clock):
+                tokens.append(event.token_id)
+                pieces.append(event.text)
                 turn.answer = "".join(pieces)
-                yield TokenEvent(text=text, token_id=token)
+                yield event
         finally:
             # What og holds is the truth, also after Ctrl-C or an abandoned stream.
             turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]
             live.unfed_last_token = bool(tokens) and tokens[-1] != eos
 
+        t_first, t_last = clock.t_first, clock.t_last
         prefill_s, decode_s = t_first - t_prefill, t_last - t_first
         stats = GenerationStats(
             prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,

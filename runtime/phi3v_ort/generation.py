@@ -112,31 +112,21 @@ def stream_prepared(model: LoadedModel, prepared: Prepared,
     params = og.GeneratorParams(model.og_model)
     params.set_search_options(**search_options(settings, kv.max_length, kv.share_buffer))
     generator = og.Generator(model.og_model, params)
-    decoder = model.tokenizer.create_stream()
     eos = model.info.eos_token_id
     tokens: list[int] = []
     pieces: list[str] = []
-    at_start = True
     try:
         t_prefill = time.perf_counter()
         generator.set_inputs(prepared.inputs)
-        t_first = t_last = t_prefill
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            t_last = time.perf_counter()
-            if not tokens:
-                t_first = t_last
-            tokens.append(token)
-            text = "" if token == eos else decoder.decode(token)
-            if at_start and text:
-                # SentencePiece's word marker on the answer's first word (HF's decoder strips it too)
-                text, at_start = text.removeprefix(" "), False
-            pieces.append(text)
-            yield TokenEvent(text=text, token_id=token)
+        clock = DecodeClock(t_prefill, t_prefill)
+        for event in decode_tokens(generator, model.tokenizer, eos, clock=clock):
+            tokens.append(event.token_id)
+            pieces.append(event.text)
+            yield event
     finally:
         del generator  # frees the KV cache at once, also when the consumer stops early
 
+    t_first, t_last = clock.t_first, clock.t_last
     prefill_s = t_first - t_prefill
     decode_s = t_last - t_first
     stats = GenerationStats(
@@ -151,6 +141,34 @@ def stream_prepared(model: LoadedModel, prepared: Prepared,
         kv_cache_bytes=kv.bytes, device=model.device,
     )
     yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prepared.prompt, stats=stats)
+
+
+@dataclass
+class DecodeClock:
+    t_first: float
+    t_last: float
+
+
+def decode_tokens(generator, tokenizer, eos: int, max_new_tokens: int | None = None,
+                  clock: DecodeClock | None = None) -> Iterator[TokenEvent]:
+    """og's decode loop, shared by single requests and conversations: `generate_next_token` until og is done (or
+    `max_new_tokens`), one TokenEvent each. The end token gets no text; the answer's first piece loses
+    SentencePiece's word marker (HF's decoder strips it too). `clock` gets the first and last token's times."""
+    stream = tokenizer.create_stream()
+    at_start = True
+    count = 0
+    while not generator.is_done() and (max_new_tokens is None or count < max_new_tokens):
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if clock is not None:
+            clock.t_last = time.perf_counter()
+            if count == 0:
+                clock.t_first = clock.t_last
+        count += 1
+        text = "" if token == eos else stream.decode(token)
+        if at_start and text:
+            text, at_start = text.removeprefix(" "), False
+        yield TokenEvent(text=text, token_id=token)
 
 
 def generate(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
