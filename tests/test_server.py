@@ -302,3 +302,14 @@ def test_sigterm_shuts_down_cleanly(tiny_dir):
     assert proc.returncode in (0, -15), err[-2000:]
     assert "Traceback" not in err
     assert "data:" in got.get("text", "")  # the in-flight stream was served (finished or cut at the deadline)
+
+
+def test_stop_string_cuts_the_answer(app_client, tiny_dir):
+    full = _post(app_client, {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 12}).json()
+    text = full["choices"][0]["message"]["content"]
+    stop = text.split()[2]  # a word from the middle of the greedy answer
+    r = _post(app_client, {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 12,
+                           "stop": [stop]}).json()
+    assert r["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert 0 < r["usage"]["completion_tokens"] < 12 and r["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]

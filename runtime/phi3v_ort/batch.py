@@ -154,9 +154,10 @@ def _answer(model: LoadedModel, item: Item, future: Future, settings: Generation
             if isinstance(event, Finished):
                 finished = event
         assert finished is not None
-    except Phi3vError as exc:
+    except Exception as exc:  # noqa: BLE001 - a bad item never stops the run; Ctrl-C (not an Exception) does
         progress.failed += 1
-        return {"id": item.id, "images": list(item.images), "question": item.question, "error": str(exc)}
+        message = str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
+        return {"id": item.id, "images": list(item.images), "question": item.question, "error": message}
     progress.done += 1
     progress.tokens += finished.stats.generated_tokens
     return {"id": item.id, "images": list(item.images), "question": item.question, "answer": finished.text,

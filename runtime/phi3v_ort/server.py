@@ -289,7 +289,7 @@ def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: st
                                 reserve_tokens=min(req.settings.max_new_tokens + 256, 4096))
             conv.turns = [Turn(t.question, list(t.images), t.answer) for t in req.history]
         conv.settings = req.settings
-        text, finish, stopped_early = "", "length", False
+        text, finish, generated = "", "length", 0
         stats = None
         events = conv.ask(req.question, req.images)
         try:
@@ -297,12 +297,13 @@ def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: st
                 if cancel.is_set():
                     break
                 if isinstance(event, TokenEvent):
+                    generated += 1
                     text += event.text
                     hit = next((s for s in req.stop if s in text), None)
                     if hit:
                         cut = text.index(hit)
                         emit(("delta", event.text[: max(0, len(event.text) - (len(text) - cut))]))
-                        text, finish, stopped_early = text[:cut], "stop", True
+                        text, finish = text[:cut], "stop"
                         break
                     emit(("delta", event.text))
                 elif isinstance(event, Finished):
@@ -315,14 +316,15 @@ def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: st
             events.close()
         if cancel.is_set():
             return
-        if stats is None:
-            stats = conv.last_stats
-        completion = stats.generated_tokens if stats else 0
-        if not stopped_early and stats is not None:
+        if stats is not None:
+            prompt_tokens, reused = stats.prompt_tokens, stats.kv_reused
             conv.turns[-1].answer = text
             cache.put(transcript_key(req.system, conv.turns), conv)
-        emit(("done", {"finish_reason": finish, "prompt_tokens": (stats.prompt_tokens if stats else 0),
-                       "completion_tokens": completion, "kv_reused": bool(stats and stats.kv_reused)}))
+        else:  # cut at a stop string: the generator ran past it, so it is not kept for reuse
+            prompt_tokens = (len(conv._live.generator.get_sequence(0)) - generated) if conv._live else 0
+            reused = False
+        emit(("done", {"finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                       "kv_reused": reused}))
 
     async def acquire() -> None:
         if gate["running"] >= limits.max_concurrency and gate["waiting"] >= limits.max_queue:
