@@ -1,7 +1,6 @@
 """`phi3v-ort chat` driven through stdin, and `phi3v-ort batch` with a bad item, an interruption and a resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

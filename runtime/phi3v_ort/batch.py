@@ -17,7 +17,6 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +162,3 @@ def _answer(model: LoadedModel, item: Item, future: Future, settings: Generation
     return {"id": item.id, "images": list(item.images), "question": item.question, "answer": finished.text,
             "token_ids": list(finished.token_ids), "stats": finished.stats.to_dict()}
 
-
-def iter_results(output: Path) -> Iterator[dict]:
-    for line in Path(output).read_text(encoding="utf-8").splitlines():
-        yield json.loads(line)

@@ -47,7 +47,7 @@ class Phi3VImageEmbedding(nn.Module):
         return merged
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        num_images, num_crops = pixel_values.shape[0], pixel_values.shape[1]
+        num_crops = pixel_values.shape[1]
         feats = self.crop_features(pixel_values.flatten(0, 1))  # [N*17, 144, 4C]
         dim = feats.shape[-1]
         table = torch.cat([feats.reshape(-1, dim), self.sub_GN.reshape(1, dim), self.glb_GN.reshape(1, dim)], dim=0)

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from .conversation import Conversation, Turn
 from .errors import Phi3vError
-from .generation import Finished, Notice, TokenEvent
+from .generation import Finished, TokenEvent
 from .images import ImageInput, load_image
 from .loading import LoadedModel
 from .settings import GenerationSettings

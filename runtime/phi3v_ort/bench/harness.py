@@ -13,12 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .common import environment, summarize
+from .common import environment
 from .scenarios import DEFAULT_SCENARIOS, SCENARIOS, render
 
 # Datasheet peak memory bandwidths (bytes/s), used when the GPU's cannot be measured here; labelled as such.
@@ -41,7 +41,6 @@ class BenchConfig:
     share_buffer: bool = True
     cuda_graph: bool = False
     out: str = "benchmarks/results/bench"
-    extra: dict = field(default_factory=dict)
 
 
 def measure_cpu_bandwidth(size_bytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -200,5 +199,3 @@ def write(result: dict, out: str) -> list[Path]:
         paths.append(png)
     return paths
 
-
-__all__ = ["BenchConfig", "run", "write", "summarize"]

@@ -19,7 +19,7 @@ def markdown(r: dict) -> str:
     lines = [f"# phi3v-ort bench: {Path(s['model_dir']).name} on {s['device']}", "",
              f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB"
              + (f", GPU {r['gpu']}" if r.get("gpu") else ""),
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              f"- settings: {s['reps']} repetitions after {s['warmup']} warm-up, {s['max_new_tokens']} new tokens "
              f"(EOS ignored), greedy; shared KV buffer {s['share_buffer']}, CUDA graph {s['cuda_graph']}",
              f"- command: `{r['command']}`", ""]
