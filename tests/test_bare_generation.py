@@ -20,6 +20,22 @@ def bare_generate(model, prompt, image_paths, max_new_tokens=12):
     return inputs["input_ids"].as_numpy(), tokens
 
 
+def bare_generate_arrays(model, arrays, max_new_tokens=12):
+    """og's loop fed inputs built in Python (numpy arrays by name)."""
+    inputs = og.NamedTensors()
+    for name, value in arrays.items():
+        inputs[name] = value
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=arrays["input_ids"].shape[1] + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.set_inputs(inputs)
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
 def _prompt(n_images, question):
     tags = "".join(f"<|image_{k}|>\n" for k in range(1, n_images + 1))
     return f"<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n"

@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 from phi3v_ort import contract
 from phi3v_ort.cli import cli
 
-from .test_bare_generation import _prompt, bare_generate
+from .test_bare_generation import _prompt, bare_generate, bare_generate_arrays
 
 QUESTIONS = {
     0: "Tell me a joke.",
@@ -37,11 +38,26 @@ def run_json(tiny_dir, question, images=(), *extra):
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 2])
-def test_json_tokens_equal_a_bare_og_loop(tiny_dir, tiny_model, png, n_images):
+def test_json_tokens_equal_a_bare_og_loop(tiny_dir, tiny_model, png, n_images, tmp_path):
+    """The default pipeline: og's generator fed the arrays `phi3v-ort prepare` shows gives the same tokens as
+    `run`. With --processor og: the same tokens as a bare og loop on og's own processor."""
     paths = [png(640, 400, seed=1), png(300, 700, seed=2)][:n_images]
     out = run_json(tiny_dir, QUESTIONS[n_images], paths)
+    args = ["prepare", "--model-dir", str(tiny_dir), "--json", *[a for p in paths for a in ("-i", str(p))]]
+    pixels = tmp_path / "pixels.npy"
+    prepared = CliRunner().invoke(cli, [*args, *(["--save-pixels", str(pixels)] if paths else []), QUESTIONS[n_images]])
+    assert prepared.exit_code == 0, prepared.stderr
+    shown = json.loads(prepared.stdout)
+    assert shown["prompt_tokens"] == out["prompt_tokens"] and shown["input_ids"][0] == 1  # BOS, as the reference
+    arrays = {"input_ids": np.asarray([shown["input_ids"]], dtype=np.int32)}
+    if paths:
+        arrays.update(pixel_values=np.load(pixels), image_sizes=np.asarray(shown["image_sizes"], dtype=np.int64),
+                      num_image_tokens=np.asarray([shown["num_image_tokens"]], dtype=np.int64))
+    assert out["token_ids"] == bare_generate_arrays(tiny_model, arrays, max_new_tokens=10)
+
+    og_out = run_json(tiny_dir, QUESTIONS[n_images], paths, "--processor", "og")
     _, expected = bare_generate(tiny_model, _prompt(n_images, QUESTIONS[n_images]), paths, max_new_tokens=10)
-    assert out["token_ids"] == expected
+    assert og_out["token_ids"] == expected
     assert out["num_image_tokens"] == [contract.image_tokens_for(640, 400), contract.image_tokens_for(300, 700)][:n_images]
     assert out["finish_reason"] in ("stop", "length")
     assert out["stats"]["max_length"] == out["prompt_tokens"] + 10  # sized per request, not the context
@@ -87,7 +103,7 @@ def test_sampling_is_seeded(tiny_dir):
 
 def test_user_placed_tags_are_kept(tiny_dir, png):
     a, b = png(640, 400, seed=1), png(300, 700, seed=2)
-    out = run_json(tiny_dir, "<|image_2|>\nfirst this, then <|image_1|>\nthat", [a, b])
+    out = run_json(tiny_dir, "first this: <|image_1|>\nthen that <|image_2|>\nwhat changed?", [a, b])
     assert out["num_image_tokens"] == [contract.image_tokens_for(640, 400), contract.image_tokens_for(300, 700)]
 
 
@@ -194,6 +210,8 @@ def test_url_errors(tiny_dir, loopback_server):
     ("<|image_1|>\n<|image_2|>\nCompare.", 1, "<|image_2|>"),   # more tags than images
     ("<|image_1|>\nCompare.", 2, "only 1"),                      # fewer tags than images
     ("<|image_0|>\nWhat?", 1, "<|image_0|>"),                    # unknown tag
+    ("<|image_2|> then <|image_1|>", 2, "in order"),             # the model reads features in order
+    ("<|image_9|> what?", 0, "no image was given"),              # a tag without images
 ])
 def test_bad_image_tags(tiny_dir, png, question, n_images, needle):
     args = ["--model-dir", tiny_dir]

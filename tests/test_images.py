@@ -1,4 +1,5 @@
-"""Image loading: every Pillow mode to RGB, EXIF orientation, formats og cannot read, pass-through of PNG/JPEG."""
+"""Image loading: every Pillow mode to RGB, EXIF orientation, formats og cannot read (only --processor og gets
+bytes: PNG/JPEG, the originals passed through when og reads them the same)."""
 
 import io
 
@@ -39,23 +40,24 @@ def test_every_mode_and_format_becomes_rgb_png_or_jpeg(mode, fmt):
     if mode == "F":
         img = Image.fromarray(np.asarray(base, dtype=np.float32) / 255.0)
     loaded = _load(_bytes(img, fmt))
-    out = _decoded(loaded.data)
+    out = _decoded(loaded.og_bytes())
     assert out.mode == "RGB" and (loaded.width, loaded.height) == (64, 48)
+    assert loaded.image.mode == "RGB" and np.array_equal(np.asarray(loaded.image), np.asarray(out))
     if mode == "I;16":  # 16-bit scaled back to the 8-bit values, not clipped to white
         assert np.abs(np.asarray(out)[..., 0].astype(int) - np.asarray(base).astype(int)).max() <= 1
 
 
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
-    out = np.asarray(_decoded(_load(_bytes(img, "PNG")).data))
-    assert (out == 255).all()
+    loaded = _load(_bytes(img, "PNG"))
+    assert (np.asarray(_decoded(loaded.og_bytes())) == 255).all() and (np.asarray(loaded.image) == 255).all()
 
 
 def test_rgb_png_and_jpeg_pass_through_untouched():
     img = Image.linear_gradient("L").convert("RGB").resize((40, 30))
     for fmt in ("PNG", "JPEG"):
         data = _bytes(img, fmt)
-        assert _load(data).data == data  # og decodes the original bytes itself (its own JPEG rounding)
+        assert _load(data).og_bytes() == data  # og decodes the original bytes itself (its own JPEG rounding)
 
 
 def test_exif_orientation_is_applied():
@@ -64,8 +66,9 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     loaded = _load(_bytes(img, "JPEG", exif=exif.tobytes(), quality=95))
-    out = np.asarray(_decoded(loaded.data))
+    out = np.asarray(_decoded(loaded.og_bytes()))
     assert (loaded.width, loaded.height) == (20, 60)
+    assert np.array_equal(np.asarray(loaded.image), out)
     assert out[2, 10, 0] > 150 and out[-3, 10, 0] < 100  # the red stripe is now at the top
 
 

@@ -1,33 +1,62 @@
 """Batch runs: many items, unattended, crash-safe, with image preparation running ahead of generation.
 
-- Items come from a JSONL file (`{"id": ..., "images": [...], "question": ...}` per line) or a folder of images
-  (one item per image, the same question for all).
+Input
+- Items come from a JSONL file (`{"id": ..., "images": [...], "question": ...}` per line; `images` may be one
+  path/URL as a string; `question` falls back to --question) or a folder of images (one item per image, sorted by
+  name, the same question for all). Relative image paths in a JSONL file are relative to that file's folder;
+  absolute paths, `~` paths and http(s) URLs are used as they are. The file must be UTF-8 (a BOM is allowed).
+- A bad line (not JSON, no usable id, no question, `images` neither a string nor a list of strings, an id already
+  used by an earlier line) never stops the batch: `read_batch` returns every problem with its line number next to
+  the good items. A bad line with an id becomes an `error` line in the output; a line without a usable id, and a
+  repeated id (the first line with that id is the item, later ones are not run), are reported only.
+
+Output
+- `check_output` refuses, before any work, an output that cannot be written (a read-only file or folder, a folder
+  in the way, a parent that is a file), that is the input file itself (also through a symlink, a hard link or
+  another spelling), or that is not a batch result file (so nothing else is ever appended to or truncated).
+- Each result line is written, flushed and fsynced as soon as its item is done; a failing item becomes a line
+  with an `error` field and the run goes on.
+- Re-running with the same output is a resume: ids whose last line is an answer are skipped; a truncated last
+  line from an interrupted run is cut off first, so the file stays valid JSONL. Ids whose last line is an error
+  are retried (unless `retry_errors=False`, CLI --no-retry-errors): their old lines are dropped by writing the
+  rest of the file to a temporary file in the same folder, fsyncing it and os.replace-ing it over the output, so
+  a kill at any moment leaves the old file or the new one, whole, with unique ids; the new lines are then
+  appended. Lines of ids not in this run's input are never touched.
+- `Progress` counts what happened. The CLI's exit status (`batch` in cli.py): 0 = every item of the input has an
+  answer; 1 = stopped by an `Error:` line (bad paths or input: before any work; a failed write: mid-run);
+  3 = the run finished but some items failed (error lines in the output, written now or kept by
+  --no-retry-errors) or some input lines were bad; 130 = interrupted (run the same command to resume). Error lines
+  of ids that are not in this run's input neither count nor change.
+
+Generation
 - A bounded pool of worker threads loads and checks the next items' images (Pillow) and runs og's processor on
   them while the model generates the current one; at most `prefetch` items wait prepared, so memory stays
   bounded. og 0.18's Python bindings hold the GIL during its calls, so og's processor cannot truly overlap
   generation; Pillow's decoding releases the GIL and does (see the batch benchmark for where the time goes).
-- Each result line is written and flushed as soon as its item is done; a failing item becomes a line with an
-  `error` field and the run goes on. Re-running with the same output skips ids already there (resume); a
-  truncated last line from an interrupted run is cut off before appending, so the file stays valid JSONL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Phi3vError
-from .generation import Finished, Prepared, prepare, stream_prepared
+from .generation import Finished, prepare, stream_prepared
 from .images import load_image
 from .loading import LoadedModel
 from .settings import GenerationSettings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ITEM_SHAPE = '{"id": ..., "images": [...], "question": ...}'
+RESULT_START = b'{"id"'  # every result line starts so (json.dumps of a dict whose first key is "id")
 
 
 @dataclass(frozen=True)
@@ -37,77 +66,332 @@ class Item:
     question: str
 
 
-def read_items(source: str | Path, question: str | None = None) -> list[Item]:
-    """Items from a JSONL file, or one per image of a folder (sorted by name) with `question`."""
+@dataclass(frozen=True)
+class BadLine:
+    """An input line that cannot be run. `id` is set only when the line gets an `error` line in the output."""
+
+    line: int
+    problem: str
+    id: str | None = None
+    images: tuple[str, ...] | None = None
+    question: str | None = None
+
+    def row(self) -> dict:
+        """The output's `error` line for this item (only for a line with an id)."""
+        row: dict = {"id": self.id}
+        if self.images is not None:
+            row["images"] = list(self.images)
+        if self.question is not None:
+            row["question"] = self.question
+        row["error"] = f"input line {self.line}: {self.problem}"
+        return row
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """What a source holds: the items to run, and every bad line (in line order)."""
+
+    source: Path
+    items: list[Item]
+    bad: list[BadLine] = field(default_factory=list)
+
+    def describe(self, bad: BadLine) -> str:
+        """One line for stderr, e.g. `items.jsonl line 4: no question (and no --question was given)`."""
+        return f"{self.source} line {bad.line}: {bad.problem}"
+
+
+def read_batch(source: str | Path, question: str | None = None) -> BatchInput:
+    """The items of a JSONL file, or one per image of a folder (sorted by name) with `question`.
+
+    Raises Phi3vError only when the source as a whole cannot be read; bad lines are returned in `.bad`."""
     source = Path(source)
     if source.is_dir():
         if not question:
             raise Phi3vError("a folder of images needs --question")
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [Item(str(p.relative_to(source)), (str(p),), question) for p in files]
-    if not source.is_file():
+        return BatchInput(source, [Item(str(p.relative_to(source)), (str(p),), question) for p in files])
+    if not source.exists():
         raise Phi3vError(f"batch input not found: {source}")
-    items, seen = [], set()
-    for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+    if not source.is_file():
+        raise Phi3vError(f"batch input {source} is neither a JSONL file nor a folder of images")
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise Phi3vError(f"cannot read the batch input {source}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise Phi3vError(f"batch input {source} is not UTF-8 text (line {line}, byte {exc.start}); "
+                         "save it as UTF-8 JSONL") from None
+    base = source.parent
+    items: list[Item] = []
+    bad: list[BadLine] = []
+    first_line: dict[str, int] = {}
+    # split on "\n" only: str.splitlines would also break lines at U+2028 and other characters JSON keeps raw
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        parsed = _parse_line(line, question, base)
+        if isinstance(parsed, str):  # no usable id: reported only
+            bad.append(BadLine(n, parsed))
+            continue
+        item_id, images, item_question, problem = parsed
+        if item_id in first_line:
+            bad.append(BadLine(n, f"repeats the id {item_id!r} of line {first_line[item_id]}; not run"))
+            continue
+        first_line[item_id] = n
+        if problem:
+            bad.append(BadLine(n, problem, item_id, images, item_question))
+        else:
+            items.append(Item(item_id, images, item_question))
+    return BatchInput(source, items, bad)
+
+
+def read_items(source: str | Path, question: str | None = None) -> list[Item]:
+    """The items of `source` (see read_batch); strict: any bad line raises Phi3vError naming the first one."""
+    batch = read_batch(source, question)
+    if batch.bad:
+        more = f" (and {len(batch.bad) - 1} more bad lines)" if len(batch.bad) > 1 else ""
+        raise Phi3vError(f"{batch.describe(batch.bad[0])}{more}")
+    return batch.items
+
+
+def _parse_line(line: str, default_question: str | None, base: Path):
+    """(id, images, question, problem or None) for a line with a usable id, else the problem (a str)."""
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        return f"not JSON ({exc}); expected {ITEM_SHAPE}"
+    if not isinstance(row, dict):
+        return f"not a JSON object; expected {ITEM_SHAPE}"
+    if "id" not in row:
+        return f"has no id; expected {ITEM_SHAPE}"
+    raw_id = row["id"]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or not str(raw_id).strip():
+        return f"has no usable id ({json.dumps(raw_id)}): an id is a non-empty string or a number"
+    item_id = str(raw_id)
+
+    raw_question = row.get("question")
+    item_question = None
+    problems = []
+    if raw_question is not None and not isinstance(raw_question, str):
+        problems.append(f"question must be a string, not {_json_type(raw_question)}")
+    else:
+        item_question = raw_question or default_question
+        if not item_question:
+            problems.append("no question (and no --question was given)")
+
+    raw_images = row.get("images", [])
+    images = None
+    if isinstance(raw_images, str):
+        raw_images = [raw_images]
+    if not isinstance(raw_images, list):
+        problems.append(f"images must be a path/URL or a list of them, not {_json_type(raw_images)}")
+    elif not all(isinstance(i, str) and i.strip() for i in raw_images):
+        problems.append("images must be a list of non-empty path/URL strings")
+    else:
+        images = tuple(_resolve_image(i, base) for i in raw_images)
+    return item_id, images, item_question, "; ".join(problems) or None
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", type(None): "null",
+            str: "a string", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _resolve_image(src: str, base: Path) -> str:
+    """A JSONL's relative image path is relative to the JSONL's folder; URLs and absolute paths stay as they are."""
+    if src.startswith(("http://", "https://")) or Path(src).expanduser().is_absolute():
+        return src
+    return str(base / src)
+
+
+# --- the output file -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputState:
+    """An existing output, read without changing it."""
+
+    lines: list[tuple[str, bool, bytes]] = field(default_factory=list)  # (id, is_error, the line with its \n)
+    partial: bool = False  # a truncated last line (an interrupted write) follows the complete lines
+    complete_bytes: int = 0
+
+    def last_is_error(self) -> dict[str, bool]:
+        """For each id, whether its last line is an error."""
+        return {item_id: is_error for item_id, is_error, _ in self.lines}
+
+
+def scan_output(output: str | Path) -> OutputState:
+    """Read an existing output (an absent one is empty); Phi3vError if it is not a batch result file."""
+    output = Path(output)
+    if not output.exists():
+        return OutputState()
+    try:
+        data = output.read_bytes()
+    except OSError as exc:
+        raise Phi3vError(f"cannot read the output {output}: {exc.strerror or exc}") from None
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    refuse = f"{output} is not a phi3v-ort batch result file (%s); choose another -o"
+    if tail and not (tail.startswith(RESULT_START) or RESULT_START.startswith(tail) or not tail.strip(b"\0")):
+        raise Phi3vError(refuse % "its last line is not a result")
+    state = OutputState(partial=bool(tail), complete_bytes=cut)
+    for n, line in enumerate(data[:cut].split(b"\n")[:-1], 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            item = Item(str(row["id"]), tuple(str(i) for i in row.get("images", [])), row.get("question") or question)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise Phi3vError(f"{source} line {n} is not an item ({exc}): expected "
-                             '{"id": ..., "images": [...], "question": ...}') from None
-        if not item.question:
-            raise Phi3vError(f"{source} line {n} has no question (and no --question was given)")
-        if item.id in seen:
-            raise Phi3vError(f"{source} line {n} repeats the id {item.id!r}")
-        seen.add(item.id)
-        items.append(item)
-    return items
+            row = json.loads(line.decode("utf-8"))
+            ok = isinstance(row, dict) and "id" in row and ("answer" in row or "error" in row)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise Phi3vError(refuse % f"line {n} is not a result")
+        state.lines.append((str(row["id"]), "answer" not in row, line + b"\n"))
+    return state
 
 
-def done_ids(output: Path) -> set[str]:
-    """Ids already in the output; a truncated last line (an interrupted write) is removed first."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with output.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    ids = set()
-    for line in data.decode("utf-8").splitlines():
+def check_output(output: str | Path, source: str | Path | None = None, ids: Iterable[str] | None = None,
+                 retry_errors: bool = True) -> OutputState:
+    """Refuse, before any work, an output that cannot be written, is the input, or is not a result file.
+
+    `ids` (this run's item ids) tells whether earlier errors will be retried, which needs to write in the output's
+    folder. Nothing is changed on disk. Returns what the output holds."""
+    output = Path(output)
+    if output.is_dir():
+        raise Phi3vError(f"the output {output} is a folder; -o needs a file")
+    if output.exists():
+        if not output.is_file():
+            raise Phi3vError(f"the output {output} is not a regular file")
+        if source is not None and Path(source).exists() and os.path.samefile(source, output):
+            raise Phi3vError(f"the output {output} is the input file itself; choose another -o")
+        if not os.access(output, os.R_OK | os.W_OK):
+            raise Phi3vError(f"cannot write the output {output}: it is read-only (permission denied)")
+        state = scan_output(output)
+        if retry_errors and ids is not None:
+            failed = {i for i, is_error in state.last_is_error().items() if is_error}
+            folder = Path(os.path.realpath(output)).parent
+            if failed.intersection(ids) and not os.access(folder, os.W_OK | os.X_OK):
+                raise Phi3vError(f"cannot retry the failed items: the output's folder {folder} is read-only "
+                                 "(use --no-retry-errors to keep their error lines)")
+        return state
+    if output.is_symlink():
+        raise Phi3vError(f"the output {output} is a symlink to nothing")
+    folder = output.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise Phi3vError(f"cannot create the output {output}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise Phi3vError(f"cannot create the output {output}: the folder {folder} is read-only (permission denied)")
+    return OutputState()
+
+
+def _rewrite(output: Path, lines: Iterable[bytes]) -> None:
+    """Replace the output's content crash-safely: a temp file in the same folder, fsync, os.replace, fsync folder."""
+    real = Path(os.path.realpath(output))  # a symlinked output stays a symlink
+    fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(real.stat().st_mode))
+        os.replace(tmp, real)
+    except BaseException:
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return ids
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(real.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_line(out, row: dict) -> None:
+    """One result line, durable before the next item starts."""
+    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.flush()
+    os.fsync(out.fileno())
 
 
 @dataclass
 class Progress:
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
+    done: int = 0  # answered in this run
+    failed: int = 0  # error lines written in this run (bad input lines with an id included)
+    skipped: int = 0  # already answered in the output
+    retried: int = 0  # earlier error lines dropped to run their items again
+    kept_failed: int = 0  # earlier error lines kept (retry_errors=False)
+    todo: int = 0  # lines this run writes
     tokens: int = 0
     started: float = 0.0
 
 
-def _prepare(model: LoadedModel, item: Item) -> Prepared:
+def _prepare(model: LoadedModel, item: Item):  # -> what generation.prepare returns (named differently over time)
     images = [load_image(src) for src in item.images]
     return prepare(model, item.question, images)
 
 
 def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: GenerationSettings,
-              workers: int = 2, prefetch: int = 4, on_progress=None) -> Progress:
-    """Answer every item not yet in `output`, appending one JSON line per item."""
+              workers: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
+              retry_errors: bool = True) -> Progress:
+    """Answer every item not yet answered in `output`, appending one JSON line per item.
+
+    `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
+    lines dropped first) unless `retry_errors` is False."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    skip = done_ids(output)
-    todo = [it for it in items if it.id not in skip]
-    progress = Progress(skipped=len(items) - len(todo), started=time.perf_counter())
-    with output.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with_id = [b for b in bad if b.id is not None]
+    ids = [it.id for it in items] + [b.id for b in with_id]
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        raise Phi3vError(f"the batch items repeat the id {repeated!r}")
+    state = check_output(output, ids=ids, retry_errors=retry_errors)
+    last = state.last_is_error()
+    wanted = set(ids)
+    failed_before = {i for i in wanted if last.get(i) is True}
+    retry = failed_before if retry_errors else set()
+
+    def runs(item_id: str) -> bool:
+        return item_id not in last or item_id in retry
+
+    todo = [it for it in items if runs(it.id)]
+    todo_bad = [b for b in with_id if runs(b.id)]
+    progress = Progress(skipped=sum(1 for i in wanted if last.get(i) is False), retried=len(retry),
+                        kept_failed=len(failed_before) - len(retry), todo=len(todo) + len(todo_bad),
+                        started=time.perf_counter())
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if retry:
+            _rewrite(output, (line for i, _, line in state.lines if i not in retry))
+        elif state.partial:
+            with output.open("r+b") as f:
+                f.truncate(state.complete_bytes)
+                os.fsync(f.fileno())
+        out = output.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+    with out, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        try:
+            for b in todo_bad:
+                _write_line(out, b.row())
+                progress.failed += 1
+                if on_progress:
+                    on_progress(progress)
+        except OSError as exc:
+            raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
         pending: deque[tuple[Item, Future]] = deque()
         queue = iter(todo)
 
@@ -132,9 +416,11 @@ def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: Gen
                 item, future = pending.popleft()
                 if prefetch > 0:
                     refill()  # keep the pool busy with the next items while this one generates
-                out.write(json.dumps(_answer(model, item, future, settings, progress), ensure_ascii=False) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                row = _answer(model, item, future, settings, progress)
+                try:
+                    _write_line(out, row)
+                except OSError as exc:
+                    raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
                 if on_progress:
                     on_progress(progress)
                 if prefetch <= 0:

@@ -40,13 +40,31 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-def open_model(model: str | None, model_dir: str | None, device: str, policy=None):
+def open_model(model: str | None, model_dir: str | None, device: str, policy=None, threads: int | None = None):
     """The one way the commands get a loaded model."""
     from .fetch import resolve_model_dir
     from .kv_cache import KVCachePolicy
     from .loading import load_model
 
-    return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy())
+    return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy(),
+                      threads=threads)
+
+
+def input_options(f: Callable) -> Callable:
+    """--crops and --processor: how images and the prompt become the model's inputs (inputs.make_pipeline)."""
+    f = click.option("--processor", type=click.Choice(["own", "og"]), default="own", show_default=True,
+                     help="own: the runtime's pipeline, identical to the model's reference processor (BOS, "
+                     "global view, crop budget, safe prompts); og: onnxruntime-genai's processor, for comparison.")(f)
+    f = click.option("--crops", type=click.IntRange(1, 16), default=None,
+                     help="Crop budget per image, 1-16 [default: 16, as the release]: fewer crops, fewer image "
+                     "tokens, faster prefill, less detail.")(f)
+    return f
+
+
+def threads_option(f: Callable) -> Callable:
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Intra-op threads per model session on the CPU [default: the CPUs this process may "
+                        "use, divided among workers].")(f)
 
 
 def sampling_options(f: Callable) -> Callable:
@@ -78,6 +96,8 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
 @model_options
 @sampling_options
 @click.option("--system", default=None, help="A system message put before the question.")
+@input_options
+@threads_option
 @click.option("--no-share-buffer", is_flag=True, help="Let the KV cache grow per token instead of one static buffer.")
 @click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
@@ -86,7 +106,8 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
 def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
         max_new_tokens: int,
         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
-        no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool) -> None:
+        crops: int | None, processor: str, threads: int | None, no_share_buffer: bool, cuda_graph: bool,
+        show_stats: bool, as_json: bool) -> None:
     """Ask QUESTION about zero or more images; the answer streams to stdout."""
     from .generation import Finished, stream
     from .images import load_image
@@ -97,12 +118,12 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
     loaded_images = [load_image(src) for src in images]
-    loaded = open_model(model, model_dir, device, policy)
+    loaded = open_model(model, model_dir, device, policy, threads)
 
     out = sys.stdout
     finished = None
     try:
-        for event in stream(loaded, question, loaded_images, settings, system):
+        for event in stream(loaded, question, loaded_images, settings, system, processor, crops):
             if isinstance(event, Finished):
                 finished = event
             elif not as_json and event.text:
@@ -132,6 +153,76 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         click.echo(format_stats(finished.stats), err=True)
 
 
+@cli.command()
+@click.argument("question")
+@click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
+              help="An image (repeatable; '-' reads stdin).")
+@model_options
+@click.option("--system", default=None, help="A system message put before the question.")
+@input_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: prompt, input_ids, image_sizes, "
+              "num_image_tokens, prompt_tokens.")
+@click.option("--save-pixels", type=click.Path(dir_okay=False), default=None, metavar="FILE.npy",
+              help="Write pixel_values as a .npy file.")
+def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
+            system: str | None, crops: int | None, processor: str, as_json: bool, save_pixels: str | None) -> None:
+    """Show what the model will see for QUESTION and the images, without generating (count an image's cost)."""
+    from .fetch import resolve_model_dir
+    from .generation import prepare as prepare_inputs
+    from .images import load_image
+    from .inputs import make_pipeline
+    from .loading import open_inputs, read_package
+    from .prompt import build_prompt
+
+    if images.count("-") > 1:
+        raise Phi3vError("stdin ('-') can be given as an image only once")
+    if save_pixels and not save_pixels.endswith(".npy"):
+        raise Phi3vError("--save-pixels needs a file name ending in .npy")
+    loaded_images = [load_image(src) for src in images]
+    folder = resolve_model_dir(model, model_dir, device)
+    if processor == "og":  # og's processor exists only in a loaded model
+        inputs = prepare_inputs(open_model(None, str(folder), device), question, loaded_images, system, "og", crops)
+    else:  # the runtime's own pipeline needs only the package's files
+        pipeline = make_pipeline(open_inputs(read_package(folder)), processor, crops)
+        inputs = pipeline.inputs(build_prompt(question, len(loaded_images), system),
+                                 [pipeline.prepare_image(img) for img in loaded_images])
+    if save_pixels:
+        _save_npy(save_pixels, inputs.pixel_values)
+    sizes = inputs.image_sizes.tolist() if inputs.image_sizes is not None else []
+    if as_json:
+        click.echo(json.dumps({"prompt": inputs.prompt, "input_ids": inputs.input_ids[0].tolist(),
+                               "image_sizes": sizes, "num_image_tokens": list(inputs.image_tokens),
+                               "prompt_tokens": inputs.prompt_tokens}, ensure_ascii=False))
+        return
+    click.echo(f"prompt tokens      {inputs.prompt_tokens} (image tokens: "
+               f"{', '.join(map(str, inputs.image_tokens)) or 'none'})")
+    for img, (h, w) in zip(loaded_images, sizes):
+        click.echo(f"image              {img.source}: {img.width}x{img.height} -> {w}x{h} "
+                   f"({h // 336 * (w // 336)} crops + the global view)")
+    if inputs.pixel_values is not None:
+        click.echo(f"pixel_values       {list(inputs.pixel_values.shape)} {inputs.pixel_values.dtype}")
+    click.echo(f"processor          {processor}")
+
+
+def _save_npy(path: str, array) -> None:
+    """Write atomically: a failure never leaves a half-written file where another was."""
+    import numpy as np
+
+    from .errors import Phi3vError as _Error
+
+    if array is None:
+        raise _Error("there are no pixels to save: give at least one image with -i")
+    target = os.path.abspath(os.path.expanduser(path))
+    tmp = f"{target}.tmp-{os.getpid()}.npy"
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise _Error(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def format_stats(stats) -> str:
     images = ", ".join(str(n) for n in stats.image_tokens) or "none"
     return "\n".join([
@@ -151,13 +242,14 @@ def format_stats(stats) -> str:
 
 @cli.command()
 @model_options
-def info(model: str | None, model_dir: str | None, device: str) -> None:
+@threads_option
+def info(model: str | None, model_dir: str | None, device: str, threads: int | None) -> None:
     """What a package is and how it loads here, with package versions and whether a GPU was found."""
     from importlib import metadata
 
     from .device import gpu_count
 
-    model = open_model(model, model_dir, device)
+    model = open_model(model, model_dir, device, threads=threads)
     i = model.info
     versions = []
     for dist in ("phi3v-ort", "onnxruntime-genai-cuda", "onnxruntime-gpu", "numpy", "pillow", "click",
@@ -172,7 +264,10 @@ def info(model: str | None, model_dir: str | None, device: str) -> None:
         f"model type       {i.model_type}",
         f"files            {i.files.vision}, {i.files.embedding}, {i.files.decoder}",
         f"built for        {i.built_for} ({i.io_dtype} I/O)",
-        f"loaded on        {model.device} (onnxruntime-genai reports {model.og_model.device_type})",
+        f"loaded on        {model.device} (onnxruntime-genai reports {model.og_model.device_type})"
+        + (f", {model.threads} intra-op thread(s) per session" if model.threads else ""),
+        f"vision input     pixel_values [num_images, {model.builder.crop_slots or 'num_crops + 1'}, 3, 336, 336] "
+        f"{model.builder.pixel_dtype.__name__}",
         f"decoder          {i.num_layers} layers, hidden {i.hidden_size}, {i.num_heads} heads of {i.head_size}, "
         f"{i.num_kv_heads} KV heads",
         f"context          {i.context_length} tokens, vocab {i.vocab_size}",
@@ -188,11 +283,13 @@ def info(model: str | None, model_dir: str | None, device: str) -> None:
 @model_options
 @sampling_options
 @click.option("--system", default=None, help="A system message for the whole conversation.")
+@input_options
+@threads_option
 @click.option("--reserve-tokens", type=int, default=2048, show_default=True,
               help="KV-cache room kept for follow-up turns beyond the first answer.")
 def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, device: str, max_new_tokens: int,
          temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
-         reserve_tokens: int) -> None:
+         crops: int | None, processor: str, threads: int | None, reserve_tokens: int) -> None:
     """An interactive chat about images that keeps the KV cache between turns."""
     from .chat import run_chat, stdin_is_terminal
     from .conversation import Conversation
@@ -200,47 +297,69 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
 
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
     loaded_images = [load_image(src) for src in images]
-    conversation = Conversation(open_model(model, model_dir, device), settings, system, reserve_tokens)
+    conversation = Conversation(open_model(model, model_dir, device, threads=threads), settings, system,
+                                reserve_tokens, processor=processor, crops=crops)
     sys.exit(run_chat(conversation, loaded_images, sys.stdin, sys.stdout, sys.stderr,
                       interactive=stdin_is_terminal(), format_stats=format_stats))
 
 
 @cli.command()
 @click.argument("source", type=click.Path())
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
-              help="JSONL results, appended; ids already there are skipped (resume).")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="JSONL results, appended; answered ids are skipped (resume), failed ones retried.")
 @click.option("--question", default=None, help="The question for every image of a folder (or a JSONL default).")
 @model_options
 @sampling_options
 @click.option("--workers", type=int, default=2, show_default=True, help="Threads preparing the next items.")
 @click.option("--prefetch", type=int, default=4, show_default=True, help="Items prepared ahead at most.")
+@click.option("--retry-errors/--no-retry-errors", default=True, show_default=True,
+              help="Run again the items whose last line in OUTPUT is an error (the new line replaces it).")
 def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
           max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-          workers: int, prefetch: int) -> None:
-    """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT."""
+          workers: int, prefetch: int, retry_errors: bool) -> None:
+    """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT.
+
+    Bad input lines are listed on stderr and the rest runs. Exit status: 0 every item is answered; 1 stopped by an
+    Error line (bad paths or input are refused before any work); 3 some items failed (error lines in OUTPUT, from
+    this run or kept by --no-retry-errors) or some input lines were bad; 130 interrupted (run it again to resume).
+    """
     import time
 
-    from .batch import read_items, run_batch
+    from .batch import check_output, read_batch, run_batch
 
-    items = read_items(source, question)
+    data = read_batch(source, question)
+    ids = [it.id for it in data.items] + [b.id for b in data.bad if b.id is not None]
+    check_output(output, source, ids, retry_errors)
+    for bad in data.bad:
+        click.echo(f"Error: {data.describe(bad)}", err=True)
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
     loaded = open_model(model, model_dir, device)
     show = sys.stderr.isatty()
 
     def progress(p) -> None:
         elapsed = max(time.perf_counter() - p.started, 1e-9)
-        line = (f"{p.done + p.failed}/{len(items) - p.skipped} items ({p.failed} failed), "
+        line = (f"{p.done + p.failed}/{p.todo} items ({p.failed} failed), "
                 f"{(p.done + p.failed) / elapsed:.2f} items/s, {p.tokens / elapsed:.1f} tokens/s")
         click.echo(("\r" + line) if show else line, err=True, nl=not show)
 
     try:
-        p = run_batch(loaded, items, output, settings, workers=workers, prefetch=prefetch, on_progress=progress)
+        p = run_batch(loaded, data.items, output, settings, workers=workers, prefetch=prefetch, on_progress=progress,
+                      bad=data.bad, retry_errors=retry_errors)
     except KeyboardInterrupt:
         click.echo("\nInterrupted: finished items are in the output; run the same command to resume.", err=True)
         sys.exit(130)
     if show:
         click.echo("", err=True)
-    click.echo(f"{p.done} answered, {p.failed} failed, {p.skipped} already done: {output}", err=True)
+    parts = [f"{p.retried} earlier errors retried"] if p.retried else []
+    parts += [f"{p.kept_failed} earlier errors kept (--no-retry-errors)"] if p.kept_failed else []
+    notes = f" ({'; '.join(parts)})" if parts else ""
+    click.echo(f"{p.done} answered, {p.failed} failed, {p.skipped} already done: {output}{notes}", err=True)
+    unrun = sum(1 for b in data.bad if b.id is None)
+    if p.failed or p.kept_failed or unrun:
+        unrun_note = f", {unrun} input lines could not be run (listed above)" if unrun else ""
+        click.echo(f"Not complete: {p.failed + p.kept_failed} items have an error line in the output{unrun_note}; "
+                   "fix them and run the same command to retry.", err=True)
+        sys.exit(3)
 
 
 @cli.command()

@@ -10,32 +10,37 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# -- image geometry (onnxruntime-extensions' Phi3ImageTransform; its constants are fixed in og 0.18)
+# -- image geometry (the reference Phi3VImageProcessor; og 0.18's Phi3ImageTransform is fixed at 16 crops)
 CROP_SIZE = 336
-MAX_CROPS = 16
+MAX_CROPS = 16  # the release's num_crops, and the most a request may ask for
 TOKENS_PER_CROP = 144  # (336 / 14 / 2) ** 2: 24x24 patches merged 2x2
 NEWLINE_TOKENS_PER_ROW = 12  # one separator after each of the 12 token rows of a crop row
 PIXEL_CROPS = MAX_CROPS + 1  # pixel_values always carry 17 crops: the global one, then up to 16 sub-crops
 
 
-def hd_size(width: int, height: int) -> tuple[int, int]:
-    """(h, w) of an image after Phi-3-V's HD resize and white padding, as the processor reports it.
-
-    ratio = long/short side; the largest `scale` with scale * ceil(scale / ratio) <= 16;
-    long side = 336 * scale, short = long / ratio, padded up to a multiple of 336.
+def hd_scale(width: int, height: int, num_crops: int = MAX_CROPS) -> tuple[int, int]:
+    """(resized long side, resized short side) before padding: the largest `scale` with
+    scale * ceil(scale / ratio) <= num_crops (ratio = long / short side); long = 336 * scale, short = int(long / ratio).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    transposed = width < height
-    long_side, short_side = (height, width) if transposed else (width, height)
+    if not 1 <= num_crops <= MAX_CROPS:
+        raise ValueError(f"num_crops must be in 1..{MAX_CROPS}, got {num_crops}")
+    long_side, short_side = max(width, height), min(width, height)
     ratio = long_side / short_side
     scale = 1
-    while (scale + 1) * math.ceil((scale + 1) / ratio) <= MAX_CROPS:
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
         scale += 1
     new_long = CROP_SIZE * scale
-    new_short = int(new_long / ratio)
+    return new_long, int(new_long / ratio)
+
+
+def hd_size(width: int, height: int, num_crops: int = MAX_CROPS) -> tuple[int, int]:
+    """(h, w) of an image after Phi-3-V's HD resize and white padding (the short side up to a multiple of 336),
+    as the processor reports it in `image_sizes`."""
+    new_long, new_short = hd_scale(width, height, num_crops)
     padded_short = math.ceil(new_short / CROP_SIZE) * CROP_SIZE
-    if transposed:
+    if width < height:
         return new_long, padded_short  # (h, w): the height was the long side
     return padded_short, new_long
 
@@ -47,9 +52,9 @@ def image_token_count(h: int, w: int) -> int:
     return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * NEWLINE_TOKENS_PER_ROW
 
 
-def image_tokens_for(width: int, height: int) -> int:
-    """Image tokens for an image of the given pixel size."""
-    return image_token_count(*hd_size(width, height))
+def image_tokens_for(width: int, height: int, num_crops: int = MAX_CROPS) -> int:
+    """Image tokens for an image of the given pixel size and crop budget."""
+    return image_token_count(*hd_size(width, height, num_crops))
 
 
 # -- tokenizer layout: Llama-style BPE with byte fallback, 32000 base ids, then added tokens

@@ -24,7 +24,13 @@ What og 0.18 does, measured on the fixture (tests/test_conversation.py checks ea
 Budget: the generator's max_length is fixed when it is created (the shared KV buffer is allocated at that size):
 prompt tokens + max_new_tokens + `reserve_tokens` (default 2048, room for follow-up turns), capped at the
 context. When the next turn would not fit, the conversation starts a fresh generator with the transcript
-re-prefilled, dropping the oldest turns (with their images) until it fits, and says so.
+re-prefilled; with `drop_old_turns` (the chat) it drops the oldest turns (with their images) until it fits and says
+so, without it (the server, where the client owns the history) it refuses with ContextTooLong. A turn that cannot
+fit even alone is refused and the history is kept.
+
+Prompts are segments (prompt.py) tokenized by the runtime (tokens.py): the continuation's ids are exactly the
+suffix a fresh prefill of the whole transcript would have, and answers generated here stay as their own ids, so a
+re-prefill reads exactly what the kept cache holds.
 """
 
 from __future__ import annotations
@@ -35,24 +41,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import contract
 from .errors import Phi3vError
 from .generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
 from .images import ImageInput
+from .inputs import DEFAULT_PROCESSOR, make_pipeline
 from .kv_cache import kv_cache_bytes
 from .loading import LoadedModel
-from .prompt import system_turn, user_turn
+from .prompt import END, NEWLINE, Segment, answer_turn, system_turn, user_turn
 from .settings import GenerationSettings, search_options
 
 DEFAULT_RESERVE_TOKENS = 2048
 
 
+class ContextTooLong(Phi3vError):
+    """The conversation (or one turn) needs more tokens than the model's context holds."""
+
+    def __init__(self, message: str, requested: int, allowed: int):
+        super().__init__(message)
+        self.requested, self.allowed = requested, allowed
+
+
 @dataclass
 class Turn:
     question: str
-    images: list[ImageInput]
+    images: list  # prepared images (the pipeline's prepare_image results): PreparedImage or OgImage
     answer: str = ""
-    answer_ids: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)  # ids generated here; empty for an answer given as text
 
 
 @dataclass
@@ -73,14 +87,22 @@ class Conversation:
     """Turns about images, streamed as the same events as generation.stream()."""
 
     def __init__(self, model: LoadedModel, settings: GenerationSettings = GenerationSettings(),
-                 system: str | None = None, reserve_tokens: int = DEFAULT_RESERVE_TOKENS):
+                 system: str | None = None, reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+                 processor: str = DEFAULT_PROCESSOR, crops: int | None = None, drop_old_turns: bool = True):
         self.model = model
         self.settings = settings
         self.system = system
+        system_turn(system)  # refuses image tags in the system message now, not at the first question
         self.reserve_tokens = reserve_tokens
+        self.pipeline = make_pipeline(model.builder, processor, crops)
+        self.drop_old_turns = drop_old_turns
         self.turns: list[Turn] = []
         self.last_stats: GenerationStats | None = None
         self._live: _Live | None = None
+
+    def prepare_image(self, image: ImageInput):
+        """Decoded image -> what this conversation's pipeline feeds the model (checks it, at attach time)."""
+        return self.pipeline.prepare_image(image)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -91,13 +113,15 @@ class Conversation:
         self._live = None
 
     @property
-    def images(self) -> list[ImageInput]:
+    def images(self) -> list:
         return [img for turn in self.turns for img in turn.images]
 
-    def ask(self, question: str, images: Sequence[ImageInput] = ()) -> Iterator[TokenEvent | Notice | Finished]:
-        """Answer the next user turn; continues the kept generator when it can, else re-prefills (with a Notice)."""
+    def ask(self, question: str, images: Sequence = ()) -> Iterator[TokenEvent | Notice | Finished]:
+        """Answer the next user turn; continues the kept generator when it can, else re-prefills (with a Notice).
+        `images`: ImageInputs, or what prepare_image made of them."""
         started = time.perf_counter()
-        turn = Turn(question, list(images))
+        load_s = sum(img.load_s for img in images if isinstance(img, ImageInput))
+        turn = Turn(question, [self.prepare_image(i) if isinstance(i, ImageInput) else i for i in images])
         first_image = len(self.images) + 1
         user = user_turn(question, first_image, len(images))  # validates the user's own image tags
         live = self._live
@@ -116,9 +140,10 @@ class Conversation:
         if continuation is not None:
             yield from self._continue(turn, continuation, started)
         else:
+            kept = self._fit(turn)  # refuses before anything changes
             if reason:
                 yield Notice(f"re-prefilling the conversation: {reason}")
-            yield from self._prefill(turn, started, reason)
+            yield from self._prefill(turn, kept, started - load_s, reason)
 
     def to_dict(self) -> dict:
         """The transcript, for /save."""
@@ -129,9 +154,10 @@ class Conversation:
 
     # -- the two ways a turn starts --------------------------------------------------------------------------------
 
-    def _continuation_ids(self, live: _Live, user: str) -> list[int]:
-        """The next turn's tokens: `<|end|>` (never in og's sequence, see above), then the user turn."""
-        return [int(t) for t in self.model.tokenizer.encode("<|end|>\n" + user)]
+    def _continuation_ids(self, live: _Live, user: list[Segment]) -> list[int]:
+        """The next turn's tokens: `<|end|>` (never in og's sequence, see above), then the user turn; no BOS, as
+        they continue the prompt's last chunk."""
+        return self.model.builder.tokenizer.encode([END, NEWLINE, *user], start=False).tolist()
 
     def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
         live = self._live
@@ -143,37 +169,30 @@ class Conversation:
         yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
                                 prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
 
-    def _prefill(self, turn: Turn, started: float, reason: str | None) -> Iterator[TokenEvent | Finished]:
+    def _prefill(self, turn: Turn, kept: list[Turn], started: float,
+                 reason: str | None) -> Iterator[TokenEvent | Notice | Finished]:
         import onnxruntime_genai as og
 
         self._live = None  # free the old cache before allocating the new one
-        kept = self._fit(turn)
         if len(kept) < len(self.turns):
             dropped = len(self.turns) - len(kept)
             self.turns = kept
             yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
-        prompt = self._transcript(self.turns, turn)
-        images = self.images + turn.images
-        og_images = og.Images.open_bytes(*[img.data for img in images]) if images else None
-        inputs = self.model.processor(prompt, images=og_images)
-        ids = np.asarray(inputs["input_ids"].as_numpy())
-        image_tokens = tuple(int((ids == -(k + 1)).sum()) for k in range(len(images)))
-        prompt_tokens = int(ids.shape[-1])
-        context = self.model.info.context_length
-        if prompt_tokens + 1 > context:
-            raise Phi3vError(f"the conversation is {prompt_tokens} tokens (images included) but the model's context "
-                             f"is {context}: it cannot fit with even one new token")
-        max_length = min(context, prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
+        inputs = self.pipeline.inputs(self._transcript(self.turns, turn), self.images + turn.images, self.model)
+        prompt_tokens = inputs.prompt_tokens
+        self._check_fits(prompt_tokens)
+        max_length = min(self.model.info.context_length,
+                         prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
         params = og.GeneratorParams(self.model.og_model)
         params.set_search_options(**search_options(self.settings, max_length, self.model.policy.share_buffer))
         generator = og.Generator(self.model.og_model, params)
-        preprocess_s = time.perf_counter() - started + sum(img.load_s for img in turn.images)
+        preprocess_s = time.perf_counter() - started
 
         t_prefill = time.perf_counter()
-        generator.set_inputs(inputs)
+        generator.set_inputs(inputs.to_og())
         self._live = _Live(generator=generator, max_length=max_length, sampling=self._sampling())
         yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
-                                prompt_tokens=prompt_tokens, image_tokens=image_tokens, kv_reused=False,
+                                prompt_tokens=prompt_tokens, image_tokens=inputs.image_tokens, kv_reused=False,
                                 reason=reason)
 
     # -- decoding ------------------------------------------------------------------------------------------------
@@ -219,33 +238,45 @@ class Conversation:
 
     # -- transcript --------------------------------------------------------------------------------------------
 
-    def _transcript(self, turns: list[Turn], new: Turn) -> str:
-        parts = [system_turn(self.system)]
+    def _transcript(self, turns: list[Turn], new: Turn) -> list[Segment]:
+        segments = system_turn(self.system)
         number = 1
         for t in turns:
-            parts.append(user_turn(t.question, number, len(t.images)) + t.answer + "<|end|>\n")
+            segments += user_turn(t.question, number, len(t.images))
+            segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
             number += len(t.images)
-        parts.append(user_turn(new.question, number, len(new.images)))
-        return "".join(parts)
+        return segments + user_turn(new.question, number, len(new.images))
 
-    def _estimate_tokens(self, turns: list[Turn], new: Turn) -> int:
-        """Prompt tokens of a transcript without running the processor: text tokens + the contract's image count."""
-        text = contract_free(self._transcript(turns, new))
+    def count_tokens(self, turns: list[Turn], new: Turn) -> int:
+        """Prompt tokens of a transcript, exactly, without building pixels."""
         images = [img for t in turns for img in t.images] + new.images
-        return len(self.model.tokenizer.encode(text)) + sum(contract.image_tokens_for(i.width, i.height)
-                                                             for i in images)
+        ids = self.model.builder.tokenizer.encode(self._transcript(turns, new),
+                                                  [self.pipeline.image_tokens(i) for i in images])
+        return len(ids)
+
+    def _check_fits(self, prompt_tokens: int) -> None:
+        context = self.model.info.context_length
+        if prompt_tokens + 1 > context:
+            raise ContextTooLong(f"the conversation is {prompt_tokens} tokens (images included) but the model's "
+                                 f"context is {context}: it cannot fit with even one new token",
+                                 prompt_tokens + self.settings.max_new_tokens, context)
 
     def _fit(self, new: Turn) -> list[Turn]:
-        """The most recent past turns that fit the context with the new turn and its answer."""
+        """The most recent past turns that fit the context with the new turn and its answer; with
+        drop_old_turns off, all of them or ContextTooLong. Nothing changes here: the caller applies it."""
         context = self.model.info.context_length
+        budget = context - min(self.settings.max_new_tokens, context // 2)
         kept = list(self.turns)
-        while kept and self._estimate_tokens(kept, new) + self.settings.max_new_tokens > context:
+        needed = self.count_tokens(kept, new)
+        if needed > budget and not self.drop_old_turns:
+            raise ContextTooLong(f"the conversation needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+                                 f"for the answer, but the model's context is {context} tokens",
+                                 needed + self.settings.max_new_tokens, context)
+        while kept and needed > budget:
             kept.pop(0)
+            needed = self.count_tokens(kept, new)
+        if needed > budget:
+            raise ContextTooLong(f"this turn alone needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+                                 f"for the answer, but the model's context is {context} tokens: the conversation "
+                                 "is kept as it was", needed + self.settings.max_new_tokens, context)
         return kept
-
-
-def contract_free(text: str) -> str:
-    """The transcript with its image tags removed (their tokens are counted from the image sizes instead)."""
-    from .prompt import IMAGE_TAG
-
-    return IMAGE_TAG.sub("", text)

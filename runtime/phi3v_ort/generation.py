@@ -4,7 +4,7 @@
 ends with one `Finished` carrying the whole answer and its `GenerationStats`. `generate()` runs it to the end.
 
 Timing boundaries (the same ones the benchmarks use):
-- preprocess_s: image loading (Pillow) + og's processor (prompt + images -> tensors);
+- preprocess_s: image loading (Pillow) + input preparation (the runtime's pipeline, or og's processor);
 - prefill_s: set_inputs + the first generate_next_token (vision model, embedding, decoder prefill, first token);
 - time_to_first_token_s = preprocess_s + prefill_s;
 - decode: every later token, from the first token to the last.
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from .images import ImageInput
+from .inputs import DEFAULT_PROCESSOR, ModelInputs, make_pipeline
 from .kv_cache import plan
 from .loading import LoadedModel
 from .prompt import build_prompt
@@ -70,40 +71,25 @@ class Finished:
     stats: GenerationStats
 
 
-@dataclass
-class Prepared:
-    """A request turned into og inputs, ready to generate (the batch runner prepares the next ones ahead)."""
-
-    prompt: str
-    inputs: object  # og.NamedTensors
-    prompt_tokens: int
-    image_tokens: tuple[int, ...]
-    preprocess_s: float  # image loading + og's processor
-
-
-def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
-            system: str | None = None) -> Prepared:
-    """Prompt + images -> og inputs, with the token counts (one place builds the prompt: prompt.build_prompt)."""
-    import onnxruntime_genai as og
-
-    started = time.perf_counter()
-    prompt = build_prompt(question, len(images), system)
-    og_images = og.Images.open_bytes(*[img.data for img in images]) if images else None
-    inputs = model.processor(prompt, images=og_images)
-    ids = inputs["input_ids"].as_numpy()
-    image_tokens = tuple(int((ids == -(k + 1)).sum()) for k in range(len(images)))
-    preprocess_s = time.perf_counter() - started + sum(img.load_s for img in images)
-    return Prepared(prompt, inputs, int(ids.shape[-1]), image_tokens, preprocess_s)
+def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (), system: str | None = None,
+            processor: str = DEFAULT_PROCESSOR, crops: int | None = None) -> ModelInputs:
+    """Prompt + images -> the model's inputs, with the token counts (prompt.build_prompt builds every prompt;
+    inputs.make_pipeline chooses the processor)."""
+    pipeline = make_pipeline(model.builder, processor, crops)
+    prepared = [pipeline.prepare_image(img) for img in images]
+    inputs = pipeline.inputs(build_prompt(question, len(images), system), prepared, model)
+    inputs.preprocess_s += sum(img.load_s for img in images)
+    return inputs
 
 
 def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
-           settings: GenerationSettings = GenerationSettings(),
-           system: str | None = None) -> Iterator[TokenEvent | Finished]:
+           settings: GenerationSettings = GenerationSettings(), system: str | None = None,
+           processor: str = DEFAULT_PROCESSOR, crops: int | None = None) -> Iterator[TokenEvent | Finished]:
     """Generate an answer about `images`, one event per token, then a `Finished` with the stats."""
-    yield from stream_prepared(model, prepare(model, question, images, system), settings)
+    yield from stream_prepared(model, prepare(model, question, images, system, processor, crops), settings)
 
 
-def stream_prepared(model: LoadedModel, prepared: Prepared,
+def stream_prepared(model: LoadedModel, prepared: ModelInputs,
                     settings: GenerationSettings = GenerationSettings()) -> Iterator[TokenEvent | Finished]:
     """The generation loop for a prepared request."""
     import onnxruntime_genai as og
@@ -117,7 +103,7 @@ def stream_prepared(model: LoadedModel, prepared: Prepared,
     pieces: list[str] = []
     try:
         t_prefill = time.perf_counter()
-        generator.set_inputs(prepared.inputs)
+        generator.set_inputs(prepared.to_og())
         clock = DecodeClock(t_prefill, t_prefill)
         for event in decode_tokens(generator, model.tokenizer, eos, clock=clock):
             tokens.append(event.token_id)
@@ -172,9 +158,10 @@ def decode_tokens(generator, tokenizer, eos: int, max_new_tokens: int | None = N
 
 
 def generate(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
-             settings: GenerationSettings = GenerationSettings(), system: str | None = None) -> Finished:
+             settings: GenerationSettings = GenerationSettings(), system: str | None = None,
+             processor: str = DEFAULT_PROCESSOR, crops: int | None = None) -> Finished:
     """The whole answer at once."""
-    for event in stream(model, question, images, settings, system):
+    for event in stream(model, question, images, settings, system, processor, crops):
         if isinstance(event, Finished):
             return event
     raise AssertionError("stream() ended without a Finished event")

@@ -1,9 +1,12 @@
-"""Images in: local paths, http(s) URLs and stdin, decoded and checked with Pillow, handed to og as PNG/JPEG bytes.
+"""Images in: local paths, http(s) URLs and stdin, decoded once and checked with Pillow.
 
-og's own decoder reads only JPEG and PNG, and other formats kill the whole process inside its processor (see the
-release contract), so every image is decoded here first. Bytes already in a form og reads identically (an RGB
-PNG or JPEG with no EXIF rotation) pass through untouched, which keeps og's own JPEG rounding; everything else is
-converted to RGB (EXIF orientation applied, alpha composited on white, 16-bit scaled) and re-encoded as PNG.
+Every image is decoded here, once: EXIF orientation applied, any mode converted to RGB (alpha composited on white,
+16-bit scaled), decompression bombs refused. The runtime's own pipeline (pixels.py) works on that RGB image, so
+every format Pillow reads works, PNGs wider than og's 16384-px limit included.
+
+Only `--processor og` needs bytes again: og's decoder reads only JPEG and PNG and other formats kill the whole
+process inside its processor (see the release contract). `og_bytes()` hands it the original bytes when they are
+an RGB PNG or JPEG with no EXIF rotation (keeping og's own JPEG rounding), else a lossless PNG of the RGB image.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,13 +33,29 @@ PASS_THROUGH_FORMATS = {"PNG", "JPEG"}
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One decoded, checked image: the bytes og gets, its size, and where it came from."""
+    """One decoded, checked image: its RGB pixels, the bytes it came as, and where it came from."""
 
     source: str
-    data: bytes  # PNG or JPEG bytes
-    width: int
-    height: int
+    data: bytes  # the bytes as read (their hash identifies the image)
+    image: Image.Image = field(repr=False)  # RGB, EXIF orientation applied
+    pass_through: bool  # `data` is an RGB PNG/JPEG og reads exactly as Pillow does
     load_s: float  # read + decode + conversion time
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    def og_bytes(self) -> bytes:
+        """PNG or JPEG bytes for og's own processor (`--processor og`)."""
+        if self.pass_through:
+            return self.data
+        out = io.BytesIO()
+        self.image.save(out, format="PNG", compress_level=1)  # lossless; speed over size, it never leaves memory
+        return out.getvalue()
 
 
 def load_image(source: str, stdin: BinaryIO | None = None, *, max_bytes: int = MAX_BYTES,
@@ -61,8 +80,9 @@ def load_image(source: str, stdin: BinaryIO | None = None, *, max_bytes: int = M
         raise Phi3vError(f"image {label} is larger than the {max_bytes // (1024 * 1024)} MB limit")
     if not raw:
         raise Phi3vError(f"image {label} is empty")
-    data, width, height = _decode(raw, label, max_pixels)
-    return ImageInput(source=label, data=data, width=width, height=height, load_s=time.perf_counter() - started)
+    image, pass_through = decode(raw, label, max_pixels)
+    return ImageInput(source=label, data=raw, image=image, pass_through=pass_through,
+                      load_s=time.perf_counter() - started)
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
@@ -95,7 +115,8 @@ def _download(url: str, max_bytes: int, timeout: float) -> bytes:
         raise Phi3vError(f"could not download {url}: {reason}") from None
 
 
-def _decode(raw: bytes, label: str, max_pixels: int) -> tuple[bytes, int, int]:
+def decode(raw: bytes, label: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, bool]:
+    """Bytes -> (an RGB image with EXIF orientation applied, whether the bytes can go to og unchanged)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -114,14 +135,11 @@ def _decode(raw: bytes, label: str, max_pixels: int) -> tuple[bytes, int, int]:
     except (OSError, SyntaxError, ValueError) as exc:
         raise Phi3vError(f"image {label} could not be decoded ({exc})") from None
 
-    fmt = img.format
     orientation = img.getexif().get(0x0112, 1)
-    if fmt in PASS_THROUGH_FORMATS and img.mode == "RGB" and orientation in (0, 1):
-        return raw, width, height
-    rgb = to_rgb(ImageOps.exif_transpose(img))
-    out = io.BytesIO()
-    rgb.save(out, format="PNG", compress_level=1)  # lossless; speed over size, it never leaves memory
-    return out.getvalue(), rgb.width, rgb.height
+    pass_through = img.format in PASS_THROUGH_FORMATS and img.mode == "RGB" and orientation in (0, 1)
+    if orientation not in (0, 1):
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img), pass_through
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

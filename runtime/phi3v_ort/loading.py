@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import contract
 from .device import preload_cuda_libraries, resolve_device
 from .errors import Phi3vError
+from .inputs import InputBuilder
 from .kv_cache import KVCachePolicy
 
 NEW_FORMAT_REPO = "microsoft/Phi-3-vision-128k-instruct-onnx"
@@ -97,9 +99,31 @@ def _first(value) -> int:
     return int(value[0] if isinstance(value, list) else value)
 
 
+def default_threads(workers: int = 1) -> int:
+    """Intra-op threads per model on the CPU: the CPUs this process may use, shared among the workers.
+
+    og 0.18 runs one intra-op thread here unless told. Measured on the `small` package, 2-core machine
+    (benchmarks/results/threads-cpu-small.md): 2 threads instead of 1 cut an image prefill from 23.8 s to 12.8 s
+    and lifted decode from 74.7 to 141.5 tokens/s. More threads than cores only adds contention, so the default
+    divides the usable CPUs among the model worker processes.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
+def thread_overlay(threads: int) -> str:
+    """og's config overlay setting intra_op_num_threads for the vision, embedding and decoder sessions."""
+    options = {"session_options": {"intra_op_num_threads": int(threads)}}
+    return json.dumps({"model": {"decoder": options, "embedding": options, "vision": options}})
+
+
 @dataclass
 class LoadedModel:
-    """A package opened on one device: the og model, its tokenizer and its multimodal processor."""
+    """A package opened on one device: the og model, its tokenizer and processor, and the runtime's own input
+    pipeline (inputs.InputBuilder)."""
 
     info: PackageInfo
     device: str  # "cuda" or "cpu"
@@ -107,21 +131,36 @@ class LoadedModel:
     og_model: object
     tokenizer: object
     processor: object
+    builder: InputBuilder
+    threads: int | None = None  # intra-op threads per session on the CPU (None: og's own default)
 
     @property
     def cuda_graph(self) -> bool:
         return self.device == "cuda" and self.policy.cuda_graph
 
 
-def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = KVCachePolicy()) -> LoadedModel:
-    """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy."""
+def open_inputs(info: PackageInfo) -> InputBuilder:
+    """The runtime's input pipeline for a package, without loading any model."""
+    return InputBuilder(info.path, info.files.vision)
+
+
+def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = KVCachePolicy(),
+               threads: int | None = None) -> LoadedModel:
+    """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy and,
+    on the CPU, `threads` intra-op threads per session (default: default_threads())."""
     import onnxruntime_genai as og
 
     info = read_package(path)
+    builder = open_inputs(info)
     resolved = resolve_device(device)
     if resolved == "cuda":
         preload_cuda_libraries()
+    if threads is not None and threads < 1:
+        raise Phi3vError(f"--threads must be at least 1, got {threads}")
+    threads = (threads or default_threads()) if resolved == "cpu" else threads
     config = og.Config(str(info.path))
+    if threads:
+        config.overlay(thread_overlay(threads))
     config.clear_providers()
     if resolved == "cuda":
         config.append_provider("cuda")
@@ -134,4 +173,4 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
         raise Phi3vError(f"onnxruntime-genai could not load {info.path} on {resolved}: "
                          f"{str(exc).strip().splitlines()[0]}") from None
     return LoadedModel(info=info, device=resolved, policy=policy, og_model=model, tokenizer=tokenizer,
-                       processor=processor)
+                       processor=processor, builder=builder, threads=threads)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import Phi3vError
+
+INT32_MAX = 2**31 - 1  # og casts max_length, top_k and random_seed to a C++ int: larger values fail inside og
+SEED_MAX = INT32_MAX  # og 0.18 accepts random_seed in [-2**31, 2**31 - 1], and -1 there means "seed at random"
 
 
 @dataclass(frozen=True)
@@ -21,14 +25,20 @@ class GenerationSettings:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (og's min_length = max_length)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise Phi3vError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        """Refuse here, in one sentence, what og would refuse later with a traceback (or silently misread)."""
+        if not 1 <= self.max_new_tokens <= INT32_MAX:
+            raise Phi3vError(f"max_new_tokens must be between 1 and {INT32_MAX}, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise Phi3vError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise Phi3vError(f"temperature must be above 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise Phi3vError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 1:
-            raise Phi3vError(f"top_k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= INT32_MAX:
+            raise Phi3vError(f"top_k must be between 1 and {INT32_MAX}, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise Phi3vError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
         if self.repetition_penalty <= 0:
             raise Phi3vError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
 
