@@ -23,8 +23,8 @@ from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from phi3v_ort.cli import cli  # noqa: E402
-from phi3v_ort.loading import load_model  # noqa: E402
 from phi3v_ort.server import ServerLimits, create_app  # noqa: E402
+from phi3v_ort.worker import WorkerSpec  # noqa: E402
 
 
 def _free_port() -> int:
@@ -44,7 +44,7 @@ def _rss(pid: int) -> int:
 def server(tiny_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "serve", "--model-dir", str(tiny_dir), "--port",
-                             str(port), "--max-concurrency", "2", "--max-queue", "8"],
+                             str(port), "--workers", "2", "--max-queue", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -181,9 +181,10 @@ def test_bounded_load(server):
 
 @pytest.fixture(scope="module")
 def app_client(tiny_dir):
-    model = load_model(tiny_dir, device="cpu")
     limits = ServerLimits(max_body_bytes=2 * 2**20, max_images=2, max_image_bytes=1 * 2**20)
-    return TestClient(create_app(model, "tiny", limits=limits), raise_server_exceptions=False)
+    app = create_app(WorkerSpec(str(tiny_dir)), "tiny", limits=limits)
+    yield TestClient(app, raise_server_exceptions=False)
+    app.state.pool.close()
 
 
 def _post(c, body, **kw):
@@ -226,7 +227,8 @@ BAD = {
                         400, "remote image URLs are disabled"),
     "bad max_tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens"),
     "bad part type": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "unsupported type"),
-    "beyond context": ({"messages": [{"role": "user", "content": "hello " * 9000}]}, 400, "context is 8192"),
+    "beyond context": ({"messages": [{"role": "user", "content": "hello " * 9000}]}, 400,
+                       "maximum context length is 8192"),
     "body too large": (b'{"messages": "' + b"x" * (3 * 2**20) + b'"}', 413, "larger than"),
 }
 
@@ -240,29 +242,36 @@ def test_bad_requests(app_client, case):
     assert needle in error["message"] and error["type"]
 
 
-def test_bad_request_while_streaming_is_reported_in_the_stream(app_client):
-    r = _post(app_client, {"messages": [{"role": "user", "content": "<|image_3|> what?"}], "stream": True})
-    assert r.status_code == 200 and "image tag" in r.text and r.text.rstrip().endswith("data: [DONE]")
+def test_bad_image_tag_is_refused_before_the_stream_starts(app_client):
+    """The prompt is built in the HTTP process, so a bad tag is a plain 400, streaming or not (never a native
+    index error in a worker)."""
+    for where in ({"role": "user", "content": "<|image_3|> what?"},
+                  {"role": "system", "content": "see <|image_1|>"}):
+        messages = [where] if where["role"] == "user" else [where, {"role": "user", "content": "hi"}]
+        r = _post(app_client, {"messages": messages, "stream": True})
+        assert r.status_code == 400 and "image tag" in r.json()["error"]["message"], r.text
 
 
 def test_remote_images_never_reach_private_addresses(tiny_dir):
-    model = load_model(tiny_dir, device="cpu")
-    c = TestClient(create_app(model, "tiny", allow_remote_images=True), raise_server_exceptions=False)
+    app = create_app(WorkerSpec(str(tiny_dir)), "tiny", allow_remote_images=True)
+    c = TestClient(app, raise_server_exceptions=False)
     for url in ("http://127.0.0.1:9/a.png", "http://169.254.169.254/latest", "http://10.0.0.1/x.png",
                 "http://localhost/x.png", "http://[::1]/x.png"):
         r = _post(c, {"messages": [{"role": "user", "content": [_image_part(url)]}]})
         assert r.status_code == 400 and "not allowed" in r.json()["error"]["message"], url
+    app.state.pool.close()
 
 
 def test_auth(tiny_dir):
-    model = load_model(tiny_dir, device="cpu")
-    c = TestClient(create_app(model, "tiny", api_key="s3cret"), raise_server_exceptions=False)
+    app = create_app(WorkerSpec(str(tiny_dir)), "tiny", api_key="s3cret")
+    c = TestClient(app, raise_server_exceptions=False)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert _post(c, body).status_code == 401
     assert _post(c, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert _post(c, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/v1/models").status_code == 401
     assert c.get("/health").status_code == 200
+    app.state.pool.close()
 
 
 def test_unknown_route_is_json(app_client):

@@ -1,8 +1,14 @@
 """The terminal chat loop behind `phi3v-ort chat`: lines in, streamed answers out, a few slash commands.
 
-Interactive (a terminal): line editing and history through readline, a prompt on stderr, Ctrl-C stops the current
-answer (or clears the line), Ctrl-D leaves. Scripted (stdin is not a terminal): one turn per line, no prompt.
-Answers go to stdout, everything else to stderr.
+Interactive (a terminal): line editing and history through readline, a prompt on stderr, Ctrl-D leaves.
+Scripted (stdin is not a terminal): one turn per line, no prompt. Answers go to stdout, everything else to stderr.
+
+Images are loaded and prepared for the model when they are attached (`-i` at the start: a bad one ends the
+command with one error; `/image` later: one error line), so a question never fails on an image it cannot read.
+A turn that fails (context too long, any unexpected error) is one `Error: ...` line, the history is kept and the
+chat goes on. Ctrl-C during an answer stops it (the turn keeps what was generated); before the first token it
+cancels the question, and its images stay attached for the next one (so do the images of a refused question:
+/detach drops them).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import TextIO
 
@@ -20,11 +27,14 @@ from .images import ImageInput, load_image
 
 HELP = """Commands:
   /image PATH   attach an image (path, URL) to your next question (repeatable)
+  /detach       drop the images attached to your next question
   /reset        start over (forget the conversation and its images)
   /stats        the last answer's stats
-  /save FILE    save the transcript as JSON
+  /save FILE    save the transcript as JSON (never over an existing file)
+  /save! FILE   the same, replacing FILE if it exists
   /help         this help
-  /quit         leave (or Ctrl-D)"""
+  /quit         leave (or Ctrl-D)
+Ctrl-C stops an answer; before the answer starts it cancels the question and keeps its images attached."""
 HISTORY = Path(os.environ.get("PHI3V_ORT_HISTORY", Path.home() / ".phi3v_ort_history"))
 
 
@@ -50,9 +60,11 @@ def _save_history(readline) -> None:
         pass
 
 
-def save_transcript(conversation: Conversation, path: str) -> Path:
+def save_transcript(conversation: Conversation, path: str, overwrite: bool = False) -> Path:
     """Write atomically: a failed write never leaves a half-written file where a good one was."""
     target = Path(path).expanduser()
+    if not overwrite and target.exists():
+        raise Phi3vError(f"{target} already exists: /save! {path} replaces it")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(conversation.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -63,13 +75,94 @@ def save_transcript(conversation: Conversation, path: str) -> Path:
     return target
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a Phi3vError's own sentence, anything else with its type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, Phi3vError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _prepare(conversation: Conversation, image: ImageInput):
+    """Check an image the way the model will take it, now rather than at the next question."""
+    try:
+        return conversation.prepare_image(image)
+    except Phi3vError:
+        raise
+    except Exception as exc:
+        raise Phi3vError(f"the model cannot take image {image.source}: {_one_line(exc)}") from None
+
+
+def _ask(conversation: Conversation, question: str, attached: list, out: TextIO, err: TextIO) -> list:
+    """One turn; returns the images attached for the next question. Once the turn has started (a token came or
+    the conversation recorded it) its images belong to it; a turn that never started leaves them attached."""
+    last = conversation.turns[-1] if conversation.turns else None
+    generated = False
+    try:
+        with closing(conversation.ask(question, attached)) as events:
+            for event in events:
+                if isinstance(event, Notice):
+                    err.write(f"[{event.message}]\n")
+                else:
+                    generated = True
+                    out.write("\n" if isinstance(event, Finished) else event.text)
+                out.flush()
+        return []
+    except KeyboardInterrupt:
+        error = None
+    except Exception as exc:  # one line, never a traceback that ends the chat
+        error = _one_line(exc)
+    if generated or (conversation.turns and conversation.turns[-1] is not last):
+        out.write("\n")
+        out.flush()
+        err.write(f"Error: {error}\n" if error else "[answer stopped]\n")
+        return []
+    still = f"{len(attached)} image{'' if len(attached) == 1 else 's'} still attached"
+    if error:
+        err.write(f"Error: {error}" + (f" ({still}; /detach drops them)" if attached else "") + "\n")
+    else:
+        err.write("\n[question cancelled" + (f"; {still}" if attached else "") + "]\n")
+    return attached
+
+
+def _command(conversation: Conversation, line: str, attached: list, err: TextIO, format_stats) -> bool:
+    """A slash command (it may change `attached` in place); returns False to leave the chat."""
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if command in ("/quit", "/exit"):
+        return False
+    if command == "/help":
+        err.write(HELP + "\n")
+    elif command == "/image":
+        if not arg:
+            raise Phi3vError("/image needs a path or URL")
+        attached.append(_prepare(conversation, load_image(arg)))
+        err.write(f"attached {arg} ({len(attached)} image(s) for the next question)\n")
+    elif command == "/detach":
+        err.write(f"detached {len(attached)} image(s)\n")
+        attached.clear()
+    elif command == "/reset":
+        conversation.reset()
+        attached.clear()
+        err.write("conversation reset\n")
+    elif command == "/stats":
+        err.write((format_stats(conversation.last_stats) if conversation.last_stats else "no answer yet") + "\n")
+    elif command in ("/save", "/save!"):
+        if not arg:
+            raise Phi3vError(f"{command} needs a file name")
+        err.write(f"saved {save_transcript(conversation, arg, overwrite=command == '/save!')}\n")
+    else:
+        raise Phi3vError(f"unknown command {command} (/help lists them)")
+    return True
+
+
 def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO, out: TextIO, err: TextIO,
              interactive: bool, format_stats) -> int:
-    """The loop; returns the exit code."""
+    """The loop; returns the exit code. `images` (the `-i` ones) are prepared first: a bad one raises Phi3vError."""
+    attached = [_prepare(conversation, image) for image in images]
     if interactive:
         _setup_readline()
         err.write("Chat with Phi-3-vision. /help for commands, Ctrl-D to leave.\n")
-    attached = list(images)
     while True:
         try:
             if interactive:
@@ -87,52 +180,16 @@ def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
-            command, _, arg = line.partition(" ")
-            arg = arg.strip()
-            try:
-                if command in ("/quit", "/exit"):
-                    break
-                elif command == "/help":
-                    err.write(HELP + "\n")
-                elif command == "/image":
-                    if not arg:
-                        raise Phi3vError("/image needs a path or URL")
-                    attached.append(load_image(arg))
-                    err.write(f"attached {arg} ({len(attached)} image(s) for the next question)\n")
-                elif command == "/reset":
-                    conversation.reset()
-                    attached = []
-                    err.write("conversation reset\n")
-                elif command == "/stats":
-                    err.write((format_stats(conversation.last_stats) if conversation.last_stats
-                               else "no answer yet") + "\n")
-                elif command == "/save":
-                    if not arg:
-                        raise Phi3vError("/save needs a file name")
-                    err.write(f"saved {save_transcript(conversation, arg)}\n")
-                else:
-                    raise Phi3vError(f"unknown command {command} (/help lists them)")
-            except Phi3vError as exc:
-                err.write(f"Error: {exc}\n")
+        if not line.startswith("/"):
+            attached = _ask(conversation, line, attached, out, err)
             continue
         try:
-            for event in conversation.ask(line, attached):
-                if isinstance(event, Notice):
-                    err.write(f"[{event.message}]\n")
-                elif isinstance(event, Finished):
-                    out.write("\n")
-                elif event.text:
-                    out.write(event.text)
-                out.flush()
-            attached = []
+            if not _command(conversation, line, attached, err, format_stats):
+                break
         except KeyboardInterrupt:
-            out.write("\n")
-            out.flush()
-            err.write("[answer stopped]\n")
-            attached = []
-        except Phi3vError as exc:
-            err.write(f"Error: {exc}\n")
+            err.write("\n[command cancelled]\n")
+        except Exception as exc:
+            err.write(f"Error: {_one_line(exc)}\n")
     return 0
 
 

@@ -403,27 +403,42 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="PHI3V_ORT_API_KEY", help="Require `Authorization: Bearer KEY`.")
-@click.option("--max-concurrency", type=int, default=1, show_default=True, help="Generations running at once.")
-@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting; beyond: 429.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model worker processes, each with its own model, one answer at a time each (worker i on GPU i "
+              "when there are enough GPUs).")
+@threads_option
+@click.option("--processor", type=click.Choice(["own", "og"]), default="own", show_default=True,
+              help="own: the runtime's input pipeline (the reference processor's behaviour); og: onnxruntime-genai's.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests waiting for a worker; beyond: 429.")
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
 @click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
-          max_concurrency: int, max_queue: int, allow_remote_images: bool, model_name: str | None) -> None:
-    """An OpenAI-compatible chat-completions server on HOST:PORT."""
+          workers: int, threads: int | None, processor: str, max_queue: int, allow_remote_images: bool,
+          model_name: str | None) -> None:
+    """An OpenAI-compatible chat-completions server on HOST:PORT; the models run in worker processes."""
     try:
-        import uvicorn
-
-        from .server import ServerLimits, create_app
+        from .server import ServerLimits, create_app, serve_forever
     except ImportError as exc:
         raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
-    if max_concurrency < 1 or max_queue < 0:
-        raise Phi3vError("--max-concurrency must be at least 1 and --max-queue at least 0")
-    loaded = open_model(model, model_dir, device)
-    name = model_name or model or loaded.info.path.name
-    app = create_app(loaded, name, api_key, ServerLimits(max_concurrency=max_concurrency, max_queue=max_queue),
-                     allow_remote_images)
-    click.echo(f"serving {name} ({loaded.device}) on http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    from .device import gpu_count, resolve_device
+    from .fetch import resolve_model_dir
+    from .kv_cache import KVCachePolicy
+    from .loading import default_threads, read_package
+    from .worker import WorkerPool, WorkerSpec
+
+    folder = resolve_model_dir(model, model_dir, device)
+    info = read_package(folder)
+    resolved = resolve_device(device)
+    threads = threads or (default_threads(workers) if resolved == "cpu" else None)
+    spec = WorkerSpec(str(info.path), resolved, KVCachePolicy(), threads)
+    pool = WorkerPool(spec, workers, gpus=gpu_count() if resolved == "cuda" else 0).start()
+    name = model_name or model or info.path.name
+    limits = ServerLimits(max_queue=max_queue)
+    app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor)
+    click.echo(f"serving {name} ({resolved}, {workers} worker(s)"
+               f"{f', {threads} thread(s) each' if threads else ''}) on http://{host}:{port}/v1", err=True)
+    serve_forever(app, host, port, limits.grace_s)
 
 
 @cli.command()

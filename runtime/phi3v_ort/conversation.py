@@ -163,9 +163,14 @@ class Conversation:
         live = self._live
         assert live is not None
         t_prefill = time.perf_counter()
-        if live.unfed_last_token:
-            live.generator.get_logits()  # feeds the token that ended the last turn (og computes it lazily)
-        live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        try:
+            if live.unfed_last_token:
+                live.generator.get_logits()  # feeds the token that ended the last turn (og computes it lazily)
+                live.unfed_last_token = False
+            live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        except BaseException:  # Ctrl-C or an error mid-append: the cache may hold a turn the transcript lacks
+            self._live = None  # the next turn re-prefills from the transcript
+            raise
         yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
                                 prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
 
@@ -174,11 +179,8 @@ class Conversation:
         import onnxruntime_genai as og
 
         self._live = None  # free the old cache before allocating the new one
-        if len(kept) < len(self.turns):
-            dropped = len(self.turns) - len(kept)
-            self.turns = kept
-            yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
-        inputs = self.pipeline.inputs(self._transcript(self.turns, turn), self.images + turn.images, self.model)
+        images = [img for t in kept for img in t.images] + turn.images
+        inputs = self.pipeline.inputs(self._transcript(kept, turn), images, self.model)
         prompt_tokens = inputs.prompt_tokens
         self._check_fits(prompt_tokens)
         max_length = min(self.model.info.context_length,
@@ -191,6 +193,10 @@ class Conversation:
         t_prefill = time.perf_counter()
         generator.set_inputs(inputs.to_og())
         self._live = _Live(generator=generator, max_length=max_length, sampling=self._sampling())
+        if len(kept) < len(self.turns):  # only now: a prefill interrupted before this point drops nothing
+            dropped = len(self.turns) - len(kept)
+            self.turns = kept
+            yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
         yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
                                 prompt_tokens=prompt_tokens, image_tokens=inputs.image_tokens, kv_reused=False,
                                 reason=reason)
@@ -239,13 +245,7 @@ class Conversation:
     # -- transcript --------------------------------------------------------------------------------------------
 
     def _transcript(self, turns: list[Turn], new: Turn) -> list[Segment]:
-        segments = system_turn(self.system)
-        number = 1
-        for t in turns:
-            segments += user_turn(t.question, number, len(t.images))
-            segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
-            number += len(t.images)
-        return segments + user_turn(new.question, number, len(new.images))
+        return transcript(self.system, turns, new)
 
     def count_tokens(self, turns: list[Turn], new: Turn) -> int:
         """Prompt tokens of a transcript, exactly, without building pixels."""
@@ -280,3 +280,15 @@ class Conversation:
                                  f"for the answer, but the model's context is {context} tokens: the conversation "
                                  "is kept as it was", needed + self.settings.max_new_tokens, context)
         return kept
+
+
+def transcript(system: str | None, turns: list[Turn], new: Turn) -> list[Segment]:
+    """The whole conversation as prompt segments: images numbered across turns, answers generated here as their
+    own ids, answers given as text as plain text."""
+    segments = system_turn(system)
+    number = 1
+    for t in turns:
+        segments += user_turn(t.question, number, len(t.images))
+        segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
+        number += len(t.images)
+    return segments + user_turn(new.question, number, len(new.images))

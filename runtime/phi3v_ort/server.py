@@ -1,269 +1,260 @@
-"""`phi3v-ort serve`: an OpenAI-compatible chat-completions server (Starlette + uvicorn).
+"""`phi3v-ort serve`: an OpenAI-compatible chat-completions server (Starlette + uvicorn) over model worker processes.
+
+Process layout (vLLM's, on the standard library; worker.py): this process parses requests (openai_request.py),
+fetches and prepares images (the runtime's input pipeline, in a small thread pool: Pillow and numpy release the
+GIL), counts tokens, queues, answers 429s, checks auth and streams; `--workers N` worker processes each own a
+model and generate. og holds the GIL for a whole prefill, so in one process /health would wait for it (23.9 s
+measured on `small`); here the event loop never runs og code.
 
 - POST /v1/chat/completions (string or content-part messages, `image_url` as data: URIs, and as http(s) URLs only
-  with --allow-remote-images and never to loopback/private/link-local/metadata addresses), streaming as SSE chunks
-  ending with `data: [DONE]`; GET /v1/models; GET /health.
-- Load: at most `max_concurrency` generations run at once, at most `max_queue` wait; beyond that 429 with
-  Retry-After. Each request's KV cache is sized to it (prompt + max_tokens + room for one follow-up turn).
-- Faults: every bad request is a 4xx with OpenAI's error body; a client that disconnects mid-stream stops its
-  generation and frees its generator.
-- Reuse: a request whose messages extend a conversation answered recently continues its kept generator
-  (conversation.py) instead of re-prefilling; a few such conversations are kept (LRU, bounded by count and by
-  KV-cache bytes).
-
-Every request is served by a Conversation, so the server, the chat and the tests share one generation path.
+  with --allow-remote-images, checked on every redirect hop and never to private addresses: remote.py), streaming
+  as SSE chunks ending with `data: [DONE]`; GET /v1/models; GET /health (workers alive/busy/restarts).
+- Load: one generation per worker; at most `max_queue` requests wait for a worker, beyond that 429 with
+  Retry-After. Image counts and sizes are checked before anything is decoded; decoding and preparation run in a
+  bounded pool, remote fetches in their own so they cannot starve the rest.
+- Context: a conversation that does not fit is a 400 with code `context_length_exceeded` (no silent dropping).
+- Faults: a bad request is a 4xx with OpenAI's error body; a client that disconnects (streaming or not) cancels its
+  generation; a worker that dies fails only its request (a 500, or an error event in the stream) and is restarted;
+  on SIGTERM queued requests get a 503 at once and running ones finish within the grace period or end with an
+  error event.
+- Reuse: a request whose messages extend a conversation answered recently is sent to the worker that keeps its
+  generator (conversation.py) and continues it instead of re-prefilling.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import ipaddress
 import json
-import socket
-import threading
+import sys
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .conversation import Conversation, Turn
+from .conversation import ContextTooLong, transcript
 from .errors import Phi3vError
 from .generation import Finished, TokenEvent
-from .images import ImageInput, load_image
-from .loading import LoadedModel
-from .settings import GenerationSettings
+from .images import decode, load_image
+from .inputs import make_pipeline
+from .loading import PackageInfo, open_inputs, read_package
+from .openai_request import ApiError, ImageRef, ParsedRequest, StopStringFilter, parse_json_body, parse_request
+from .worker import HistoryTurn, Job, WorkerPool, WorkerSpec
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    max_concurrency: int = 1
     max_queue: int = 16
     max_body_bytes: int = 32 * 2**20
     max_images: int = 8
     max_image_bytes: int = 16 * 2**20
     max_tokens_default: int = 512
-    keep_conversations: int = 4
-    keep_kv_bytes: int = 2 * 2**30
-    image_timeout_s: float = 10.0
+    image_timeout_s: float = 10.0  # one deadline per remote image, redirects and every read included
+    prepare_threads: int = 2  # decoding + preparation at once, across all requests
+    fetch_threads: int = 4  # remote fetches at once
+    grace_s: float = 10.0  # on SIGTERM: how long running answers may finish
+    keep_routes: int = 256  # conversations remembered for routing a follow-up to its worker
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": None}}, status_code=self.status, headers=self.headers)
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-# -- request parsing -------------------------------------------------------------------------------------------------
-
-@dataclass
-class ParsedRequest:
-    system: str | None
-    history: list[Turn]  # earlier user turns with the assistant's answers
-    question: str
-    images: list[ImageInput]
-    settings: GenerationSettings
-    stream: bool
-    include_usage: bool
-    stop: list[str]
-
-
-def _blocked_address(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return True
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified or str(ip) in ("169.254.169.254", "100.100.100.200", "fd00:ec2::254")):
-            return True
-    return False
-
-
-def _image_from_url(url: str, allow_remote: bool, limits: ServerLimits) -> ImageInput:
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise ApiError(400, "image data URIs must be base64-encoded", param="image_url")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "an image_url data URI holds invalid base64", param="image_url") from None
-        if len(raw) > limits.max_image_bytes:
-            raise ApiError(413, f"an image is larger than {limits.max_image_bytes // 2**20} MB", "invalid_request_error")
-        import io
-
-        try:
-            return load_image("-", stdin=io.BytesIO(raw), max_bytes=limits.max_image_bytes)
-        except Phi3vError as exc:
-            raise ApiError(400, str(exc).replace("stdin", "the data URI"), param="image_url") from None
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ApiError(400, "image_url must be a data: URI or an http(s) URL", param="image_url")
-    if not allow_remote:
-        raise ApiError(400, "remote image URLs are disabled on this server (start it with --allow-remote-images), "
-                            "send the image as a data: URI", param="image_url")
-    if _blocked_address(parsed.hostname):
-        raise ApiError(400, f"image host {parsed.hostname} is not allowed (loopback, private, link-local or "
-                            "metadata address)", param="image_url")
-    try:
-        return load_image(url, max_bytes=limits.max_image_bytes, timeout=limits.image_timeout_s)
-    except Phi3vError as exc:
-        raise ApiError(400, str(exc), param="image_url") from None
-
-
-def _content(message: dict, index: int, allow_remote: bool, limits: ServerLimits) -> tuple[str, list[ImageInput]]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list) or not content:
-        raise ApiError(400, f"messages[{index}] has no content", param=f"messages[{index}].content")
-    texts, images = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise ApiError(400, f"messages[{index}] has an image_url part without a url",
-                               param=f"messages[{index}].content")
-            images.append(_image_from_url(url, allow_remote, limits))
-        else:
-            raise ApiError(400, f"messages[{index}] has a content part of unsupported type {kind!r}",
-                           param=f"messages[{index}].content")
-    return "\n".join(texts), images
-
-
-def parse_request(body: dict, allow_remote: bool, limits: ServerLimits) -> ParsedRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    system_parts: list[str] = []
-    turns: list[Turn] = []
-    pending: Turn | None = None
-    image_count = 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
-        role = message.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] has an unsupported role {role!r}", param=f"messages[{i}].role")
-        text, images = _content(message, i, allow_remote, limits)
-        image_count += len(images)
-        if image_count > limits.max_images:
-            raise ApiError(400, f"too many images: at most {limits.max_images} per request", param="messages")
-        if role in ("system", "developer"):
-            if images or turns or pending:
-                raise ApiError(400, f"messages[{i}]: system messages come first and carry text only",
-                               param=f"messages[{i}]")
-            system_parts.append(text)
-        elif role == "user":
-            if pending is not None:  # two user messages in a row: one turn
-                pending.question += "\n" + text
-                pending.images.extend(images)
-            else:
-                pending = Turn(text, list(images))
-        else:
-            if pending is None or images:
-                raise ApiError(400, f"messages[{i}]: an assistant message must follow a user message and carry "
-                                    "text only", param=f"messages[{i}]")
-            pending.answer = text
-            turns.append(pending)
-            pending = None
-    if pending is None:
-        raise ApiError(400, "the last message must come from the user", param="messages")
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or limits.max_tokens_default
-    temperature = body.get("temperature")
-    top_p = body.get("top_p")
-    seed = body.get("seed")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    try:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError("max_tokens must be a positive integer")
-        if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 4):
-            raise ValueError("stop must be a string or a list of at most 4 non-empty strings")
-        do_sample = temperature is not None and float(temperature) > 0
-        settings = GenerationSettings(
-            max_new_tokens=max_tokens, do_sample=do_sample,
-            temperature=float(temperature) if do_sample else 1.0,
-            top_p=float(top_p) if top_p is not None else 1.0, seed=int(seed) if seed is not None else None)
-    except (Phi3vError, ValueError, TypeError) as exc:
-        raise ApiError(400, str(exc)) from None
-    options = body.get("stream_options") or {}
-    return ParsedRequest(system="\n".join(system_parts) or None, history=turns, question=pending.question,
-                         images=pending.images, settings=settings, stream=bool(body.get("stream")),
-                         include_usage=bool(isinstance(options, dict) and options.get("include_usage")), stop=stop)
-
-
-# -- kept conversations ------------------------------------------------------------------------------------------
-
-def transcript_key(system: str | None, turns: list[Turn]) -> str:
+def transcript_key(system: str | None, turns: list[tuple[str, list[bytes], str]]) -> str:
+    """Identifies a conversation by what the client sent: system, and per turn question, image bytes, answer."""
     h = hashlib.sha256(json.dumps(system).encode())
-    for t in turns:
-        h.update(json.dumps([t.question, t.answer]).encode())
-        for img in t.images:
-            h.update(hashlib.sha256(img.data).digest())
+    for question, images, answer in turns:
+        h.update(json.dumps([question, answer]).encode())
+        for data in images:
+            h.update(hashlib.sha256(data).digest())
     return h.hexdigest()
 
 
-class ConversationCache:
-    """Recently answered conversations with their generators, keyed by transcript; bounded in count and bytes."""
+class Service:
+    """What the routes share: the workers, the input pipeline, the queue, the routing of conversations."""
 
-    def __init__(self, max_items: int, max_bytes: int):
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self._items: OrderedDict[str, Conversation] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, pool: WorkerPool, info: PackageInfo, limits: ServerLimits, allow_remote: bool,
+                 processor: str):
+        self.pool, self.info, self.limits = pool, info, limits
+        self.allow_remote, self.processor = allow_remote, processor
+        self.builder = open_inputs(info)
+        self.prepare_pool = ThreadPoolExecutor(limits.prepare_threads, thread_name_prefix="prepare")
+        self.fetch_pool = ThreadPoolExecutor(limits.fetch_threads, thread_name_prefix="fetch")
+        self.routes: OrderedDict[str, tuple[int, str]] = OrderedDict()  # key -> (worker index, request id)
+        self.waiting = 0
+        self.shutting_down = False
+        self.active: dict[str, "Active"] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop (for the shutdown timer)
+        self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        pool.listeners.append(self._wake_waiters)
 
-    def take(self, key: str) -> Conversation | None:
-        with self._lock:
-            return self._items.pop(key, None)
+    def _wake_waiters(self) -> None:  # from a worker's reader thread (or the loop, on shutdown)
+        for loop, event in list(self.waiters):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its waiter is gone
+                self.waiters.discard((loop, event))
 
-    def put(self, key: str, conv: Conversation) -> None:
-        with self._lock:
-            self._items[key] = conv
-            self._items.move_to_end(key)
-            while self._items and (len(self._items) > self.max_items or self.bytes() > self.max_bytes):
-                self._items.popitem(last=False)
+    # -- images ----------------------------------------------------------------------------------------------------
 
-    def bytes(self) -> int:
-        return sum(c.last_stats.kv_cache_bytes for c in self._items.values() if c.last_stats)
+    async def prepare_images(self, refs: list[ImageRef], pipeline) -> list[tuple[bytes, object]]:
+        """(raw bytes, prepared image) per ref: fetched (own pool), decoded and prepared (bounded pool)."""
+        loop = asyncio.get_running_loop()
+        raws = await asyncio.gather(*[
+            loop.run_in_executor(self.fetch_pool, self._fetch, ref) if ref.url else _done(ref.data)
+            for ref in refs])
+        prepared = await asyncio.gather(*[loop.run_in_executor(self.prepare_pool, self._prepare, raw, pipeline)
+                                          for raw in raws])
+        return list(zip(raws, prepared))
 
-    def __len__(self) -> int:
-        return len(self._items)
+    def _fetch(self, ref: ImageRef) -> bytes:
+        from .remote import fetch_image_bytes
+
+        try:
+            return fetch_image_bytes(ref.url, max_bytes=self.limits.max_image_bytes,
+                                     deadline_s=self.limits.image_timeout_s)
+        except Phi3vError as exc:  # one neutral sentence; the cause stays in the server's log
+            detail = getattr(exc, "detail", "")
+            if detail:
+                print(f"remote image {ref.url}: {detail}", file=sys.stderr)
+            raise ApiError(400, str(exc), param=f"messages[{ref.index}].content") from None
+
+    def _prepare(self, raw: bytes, pipeline):
+        import io
+
+        try:
+            image = load_image("-", stdin=io.BytesIO(raw), max_bytes=self.limits.max_image_bytes)
+            return pipeline.prepare_image(image)
+        except Phi3vError as exc:
+            raise ApiError(400, str(exc).replace("image stdin", "an image").replace("stdin", "an image"),
+                           param="messages") from None
+
+    # -- context ---------------------------------------------------------------------------------------------------
+
+    def check_context(self, req: ParsedRequest, history, images, explicit_max: bool) -> int:
+        """Counts the whole transcript's tokens here (no worker needed); refuses what cannot fit, as OpenAI does,
+        and returns the answer budget."""
+        from .conversation import Turn
+
+        pipeline = make_pipeline(self.builder, self.processor, req.crops)
+        turns = [Turn(t.question, [p for _, p in imgs], t.answer) for t, imgs in history]
+        new = Turn(req.question, [p for _, p in images])
+        try:
+            segments = transcript(req.system, turns, new)
+        except Phi3vError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        all_images = [i for t in turns for i in t.images] + new.images
+        prompt = len(self.builder.tokenizer.encode(segments, [pipeline.image_tokens(i) for i in all_images]))
+        context = self.info.context_length
+        wanted = req.settings.max_new_tokens
+        if prompt + (wanted if explicit_max else 1) > context:
+            requested = prompt + wanted
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{requested} tokens ({prompt} in the messages, {wanted} in the completion). Please "
+                                "reduce the length of the messages or completion.", param="messages",
+                           code="context_length_exceeded")
+        return min(wanted, context - prompt)
+
+    # -- workers ---------------------------------------------------------------------------------------------------
+
+    async def acquire(self, prefer: int | None):
+        """An idle worker (the preferred one if idle), waiting in the queue if none is; 429 beyond the queue."""
+        worker = self.pool.idle_worker(prefer)
+        if worker is None and self.waiting >= self.limits.max_queue:
+            raise ApiError(429, "the server is busy: too many requests waiting", "rate_limit_error",
+                           headers={"Retry-After": "1"})
+        self.waiting += 1
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self.waiters.add(waiter)
+        try:
+            while worker is None:
+                if self.shutting_down:
+                    raise ApiError(503, "the server is shutting down", "server_error")
+                waiter[1].clear()
+                try:
+                    await asyncio.wait_for(waiter[1].wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                worker = self.pool.idle_worker(prefer)
+        finally:
+            self.waiting -= 1
+            self.waiters.discard(waiter)
+        if self.shutting_down:
+            raise ApiError(503, "the server is shutting down", "server_error")
+        return worker
+
+    def remember(self, key: str, worker_index: int, request_id: str) -> None:
+        self.routes[key] = (worker_index, request_id)
+        self.routes.move_to_end(key)
+        while len(self.routes) > self.limits.keep_routes:
+            self.routes.popitem(last=False)
+
+    def health(self) -> dict:
+        workers = self.pool.health()
+        alive = sum(w["alive"] for w in workers)
+        return {"status": "ok" if alive == len(workers) else ("degraded" if alive else "down"),
+                "workers": workers, "alive": alive, "busy": sum(w["busy"] for w in workers),
+                "running": len(self.active), "waiting": self.waiting, "shutting_down": self.shutting_down}
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: queued requests get a 503 now; running ones get `grace_s` to finish, then an error event."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self._wake_waiters()
+        if self.loop is not None:
+            self.loop.call_later(max(0.5, self.limits.grace_s - 1.0), self._end_running)
+
+    def _end_running(self) -> None:
+        for active in list(self.active.values()):
+            active.push(("error", "shutdown", "the server is shutting down", {}))
+            active.push(("end", {}))
+            active.worker.cancel(active.request_id)
 
 
-# -- the app ---------------------------------------------------------------------------------------------------------
+async def _done(value):
+    return value
 
-def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: str | None = None,
-               limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False) -> Starlette:
-    gate = {"running": 0, "waiting": 0}
-    slots = asyncio.Semaphore(limits.max_concurrency)
-    cache = ConversationCache(limits.keep_conversations, limits.keep_kv_bytes)
-    active: set[threading.Event] = set()
+
+class Active:
+    """One request running on a worker: its events, as an asyncio queue fed from the worker's reader thread."""
+
+    def __init__(self, service: Service, worker, request_id: str):
+        self.service, self.worker, self.request_id = service, worker, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.ended = False
+
+    def callback(self, item: tuple) -> None:  # worker reader thread
+        self.loop.call_soon_threadsafe(self.push, item)
+
+    def push(self, item: tuple) -> None:
+        if not self.ended:
+            if item[0] == "end":
+                self.ended = True
+            self.queue.put_nowait(item)
+
+
+def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", api_key: str | None = None,
+               limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False, workers: int = 1,
+               processor: str = "own") -> Starlette:
+    """The app over a started WorkerPool (or a WorkerSpec: `workers` of them are started here)."""
+    if isinstance(pool, WorkerSpec):
+        pool = WorkerPool(pool, workers).start()
+    info = read_package(pool.workers[0].spec.model_dir)
+    service = Service(pool, info, limits, allow_remote_images, processor)
 
     def check_auth(request: Request) -> None:
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error")
 
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> dict:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_body_bytes:
             raise ApiError(413, f"request body larger than {limits.max_body_bytes // 2**20} MB")
@@ -272,173 +263,168 @@ def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: st
             body += chunk
             if len(body) > limits.max_body_bytes:
                 raise ApiError(413, f"request body larger than {limits.max_body_bytes // 2**20} MB")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return data
+        return parse_json_body(bytes(body))
 
-    def run_generation(req: ParsedRequest, cancel: threading.Event, emit) -> None:
-        """In a worker thread: one turn through a Conversation, events handed to the event loop by `emit`."""
-        key = transcript_key(req.system, req.history)
-        conv = cache.take(key)
-        if conv is None:
-            conv = Conversation(model, req.settings, req.system,
-                                reserve_tokens=min(req.settings.max_new_tokens + 256, 4096))
-            conv.turns = [Turn(t.question, list(t.images), t.answer) for t in req.history]
-        conv.settings = req.settings
-        text, finish, generated = "", "length", 0
-        stats = None
-        events = conv.ask(req.question, req.images)
-        try:
-            for event in events:
-                if cancel.is_set():
-                    break
-                if isinstance(event, TokenEvent):
-                    generated += 1
-                    text += event.text
-                    hit = next((s for s in req.stop if s in text), None)
-                    if hit:
-                        cut = text.index(hit)
-                        emit(("delta", event.text[: max(0, len(event.text) - (len(text) - cut))]))
-                        text, finish = text[:cut], "stop"
-                        break
-                    emit(("delta", event.text))
-                elif isinstance(event, Finished):
-                    stats = event.stats
-                    finish = event.stats.finish_reason
-        except Phi3vError as exc:
-            emit(("error", str(exc)))
-            return
-        finally:
-            events.close()
-        if cancel.is_set():
-            return
-        if stats is not None:
-            prompt_tokens, reused = stats.prompt_tokens, stats.kv_reused
-            conv.turns[-1].answer = text
-            cache.put(transcript_key(req.system, conv.turns), conv)
-        else:  # cut at a stop string: the generator ran past it, so it is not kept for reuse
-            prompt_tokens = (len(conv._live.generator.get_sequence(0)) - generated) if conv._live else 0
-            reused = False
-        emit(("done", {"finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                       "kv_reused": reused}))
-
-    async def acquire() -> None:
-        if gate["running"] >= limits.max_concurrency and gate["waiting"] >= limits.max_queue:
-            raise ApiError(429, "the server is busy: too many requests waiting", "rate_limit_error",
-                           headers={"Retry-After": "1"})
-        gate["waiting"] += 1
-        try:
-            await slots.acquire()
-        finally:
-            gate["waiting"] -= 1
-        gate["running"] += 1
-
-    def release() -> None:
-        gate["running"] -= 1
-        slots.release()
+    def ensure_loop() -> None:
+        service.loop = asyncio.get_running_loop()
 
     async def chat_completions(request: Request) -> Response:
+        ensure_loop()
         try:
             check_auth(request)
-            body = await read_json(request)
-            req = await asyncio.to_thread(parse_request, body, allow_remote_images, limits)
-            await acquire()
-        except ApiError as exc:
-            return exc.response()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        active.add(cancel)
-
-        def emit(item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
+            if service.shutting_down:
+                raise ApiError(503, "the server is shutting down", "server_error")
+            body = await read_body(request)
+            req = parse_request(body, allow_remote=allow_remote_images, max_images=limits.max_images,
+                                max_image_bytes=limits.max_image_bytes, max_tokens_default=limits.max_tokens_default)
+            if req.response_format not in (None, {"type": "text"}):
+                raise ApiError(400, "response_format other than text is not supported yet", param="response_format")
             try:
-                run_generation(req, cancel, emit)
-            except Exception as exc:  # noqa: BLE001 - reported to the client as a 500, the server stays up
-                emit(("crash", f"{type(exc).__name__}: {exc}"))
-            finally:
-                emit(("end", None))
+                pipeline = make_pipeline(service.builder, processor, req.crops)
+            except Phi3vError as exc:
+                raise ApiError(400, str(exc), param="crops") from None
+            history = [(t, await service.prepare_images(t.images, pipeline)) for t in req.history]
+            images = await service.prepare_images(req.images, pipeline)
+            explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+            budget = service.check_context(req, history, images, explicit)
+            key_before = transcript_key(req.system, [(t.question, [r for r, _ in imgs], t.answer)
+                                                     for t, imgs in history])
+            route = service.routes.get(key_before)
+            worker = await service.acquire(route[0] if route else None)
+        except ApiError as exc:
+            return _error_response(exc)
+        from dataclasses import replace
 
-        threading.Thread(target=work, daemon=True).start()
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        job = Job(request_id=request_id, question=req.question, images=[p for _, p in images],
+                  settings=replace(req.settings, max_new_tokens=budget), system=req.system,
+                  history=[HistoryTurn(t.question, [p for _, p in imgs], t.answer) for t, imgs in history],
+                  processor=processor, crops=req.crops,
+                  resume=route[1] if route and route[0] == worker.index else None)
+        active = Active(service, worker, request_id)
+        service.active[request_id] = active
+        try:
+            worker.submit(job, active.callback)
+        except RuntimeError:
+            service.active.pop(request_id, None)
+            return _error_response(ApiError(503, "the model worker is restarting; try again", "server_error",
+                                            headers={"Retry-After": "1"}))
         created = int(time.time())
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        stops = StopStringFilter(req.stop)
+        state = {"text": "", "generated": 0, "prompt_tokens": 0, "finish": None, "error": None, "kv_reused": False}
 
-        async def finish_up() -> None:
-            cancel.set()
-            active.discard(cancel)
-            while True:  # wait for the worker to stop before giving its slot back
-                kind, _ = await queue.get()
-                if kind == "end":
-                    break
-            release()
+        def on_end() -> None:
+            service.active.pop(request_id, None)
+            if state["error"] is None and state["finish"] in ("stop", "length") and not stops.stopped:
+                key_after = transcript_key(req.system, [(t.question, [r for r, _ in imgs], t.answer)
+                                                        for t, imgs in history]
+                                           + [(req.question, [r for r, _ in images], state["text"])])
+                service.remember(key_after, worker.index, request_id)
+
+        def handle(item) -> str | None:
+            """Update the state with one worker item; returns text to send, if any."""
+            kind = item[0]
+            if kind == "event":
+                event = item[1]
+                if isinstance(event, TokenEvent):
+                    if stops.stopped:
+                        return None  # the worker ran on until the cancel reached it: not part of the answer
+                    state["generated"] += 1
+                    delta = stops.feed(event.text)
+                    state["text"] += delta
+                    if stops.stopped:
+                        state["finish"] = "stop"
+                        worker.cancel(request_id)
+                    return delta
+                if isinstance(event, Finished):
+                    state["prompt_tokens"] = event.stats.prompt_tokens
+                    state["kv_reused"] = event.stats.kv_reused
+                    if not stops.stopped:
+                        state["finish"] = event.stats.finish_reason
+                        tail = stops.flush()
+                        state["text"] += tail
+                        return tail
+            elif kind == "error":
+                state["error"] = item[1:]
+            elif kind == "end":
+                summary = item[1]
+                if not state["prompt_tokens"]:
+                    state["prompt_tokens"] = summary.get("prompt_tokens", 0)
+            return None
+
+        def error_api(error) -> ApiError:
+            kind, message, details = error
+            if kind == "context":
+                return ApiError(400, message, param="messages", code="context_length_exceeded")
+            if kind == "invalid":
+                return ApiError(400, message)
+            if kind == "shutdown":
+                return ApiError(503, message, "server_error")
+            return ApiError(500, message, "server_error")
+
+        def usage() -> dict:
+            p, c = state["prompt_tokens"], state["generated"]
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        async def next_item(poll_disconnect: bool):
+            while True:
+                try:
+                    return await asyncio.wait_for(active.queue.get(), 0.25 if poll_disconnect else None)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
 
         if not req.stream:
-            text, done, error = "", None, None
             try:
                 while True:
-                    kind, payload = await queue.get()
-                    if kind == "delta":
-                        text += payload
-                    elif kind == "done":
-                        done = payload
-                    elif kind in ("error", "crash"):
-                        error = (400 if kind == "error" else 500, payload)
-                    elif kind == "end":
+                    item = await next_item(poll_disconnect=True)
+                    if item is None:  # the client went away: stop the generation, free the worker
+                        worker.cancel(request_id)
+                        return Response(status_code=499)
+                    handle(item)
+                    if item[0] == "end":
                         break
             finally:
-                active.discard(cancel)
-                release()
-            if error:
-                return ApiError(error[0], error[1], "invalid_request_error" if error[0] == 400 else "server_error").response()
+                if not active.ended:
+                    worker.cancel(request_id)
+                on_end()
+            if state["error"]:
+                return _error_response(error_api(state["error"]))
             return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": done["finish_reason"], "logprobs": None}],
-                "usage": {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-                          "total_tokens": done["prompt_tokens"] + done["completion_tokens"]},
-            }, headers={"X-Phi3v-KV-Reused": "true" if done["kv_reused"] else "false"})
+                "id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": state["text"]},
+                             "finish_reason": state["finish"] or "length", "logprobs": None}],
+                "usage": usage(),
+            }, headers={"X-Phi3v-KV-Reused": "true" if state["kv_reused"] else "false"})
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+        def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None) -> str:
+            data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            if usage is not None:
-                data["choices"], data["usage"] = [], usage
+            if with_usage is not None:
+                data["choices"], data["usage"] = [], with_usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         async def events():
-            ended = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    kind, payload = await queue.get()
-                    if kind == "delta":
-                        if payload:
-                            yield chunk({"content": payload})
-                    elif kind == "done":
-                        yield chunk({}, payload["finish_reason"])
-                        if req.include_usage:
-                            yield chunk({}, usage={"prompt_tokens": payload["prompt_tokens"],
-                                                   "completion_tokens": payload["completion_tokens"],
-                                                   "total_tokens": payload["prompt_tokens"] + payload["completion_tokens"]})
-                    elif kind in ("error", "crash"):
-                        err = {"message": payload, "type": "invalid_request_error" if kind == "error" else "server_error"}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                    elif kind == "end":
-                        ended = True
+                    item = await next_item(poll_disconnect=False)
+                    text = handle(item)
+                    if text:
+                        yield chunk({"content": text})
+                    if item[0] == "end":
                         break
+                if state["error"]:
+                    yield f"data: {json.dumps(error_api(state['error']).body())}\n\n"
+                else:
+                    yield chunk({}, state["finish"] or "length")
+                    if req.include_usage:
+                        yield chunk({}, with_usage=usage())
                 yield "data: [DONE]\n\n"
             finally:
-                if ended:
-                    active.discard(cancel)
-                    release()
-                else:  # the client went away mid-stream: stop the generation, free its generator and slot
-                    await asyncio.shield(finish_up())
+                if not active.ended:  # the client went away mid-stream: stop the generation, free the worker
+                    worker.cancel(request_id)
+                on_end()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -447,27 +433,49 @@ def create_app(model: LoadedModel, model_name: str = "phi-3-vision", api_key: st
         try:
             check_auth(request)
         except ApiError as exc:
-            return exc.response()
+            return _error_response(exc)
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                                         "owned_by": "phi3v-ort"}]})
+                                                         "owned_by": "phi3v-ort", "max_crops": 16,
+                                                         "default_crops": 16, "processor": processor}]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_name, "device": model.device,
-                             "running": gate["running"], "waiting": gate["waiting"], "kept_conversations": len(cache)})
+        ensure_loop()
+        report = service.health()
+        report["model"] = model_name
+        return JSONResponse(report, status_code=200 if report["alive"] else 503)
 
     async def not_found(request: Request, exc) -> Response:
-        return ApiError(404, f"no route {request.url.path}").response()
+        return _error_response(ApiError(404, f"no route {request.url.path}"))
 
     async def method_not_allowed(request: Request, exc) -> Response:
-        return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+        return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
     async def server_error(request: Request, exc) -> Response:
-        return ApiError(500, "internal error", "server_error").response()
+        return _error_response(ApiError(500, "internal error", "server_error"))
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/models", list_models, methods=["GET"]),
                             Route("/health", health, methods=["GET"])],
                     exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
-    app.state.cancel_all = lambda: [event.set() for event in list(active)]
-    app.state.cache = cache
+    app.state.service = service
+    app.state.pool = pool
     return app
+
+
+def serve_forever(app: Starlette, host: str, port: int, grace_s: float) -> None:
+    """uvicorn, with SIGTERM/SIGINT first telling the service (503 for the queue, deadline for running answers)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.service.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(grace_s))
+    try:
+        Server(config).run()
+    finally:
+        app.state.pool.close()
+
+
+__all__ = ["ServerLimits", "create_app", "serve_forever", "ContextTooLong"]
