@@ -116,3 +116,48 @@ def test_batch_bad_input_file(tiny_dir, tmp_path):
                                       "--max-new-tokens", "4"])
     assert result.exit_code == 3 and "line 2" in result.stderr and "Traceback" not in result.stderr
     assert [r["id"] for r in _lines(tmp_path / "o.jsonl")] == ["1"]  # the good line still ran
+
+
+def test_batch_two_workers_killed_and_resumed(tiny_dir, png, tmp_path):
+    """`--workers 2`: two model processes, one writer. kill -9 of the parent mid-run loses nothing written and
+    leaves no worker behind; the resumed run completes every id exactly once."""
+    import os
+
+    items = tmp_path / "items.jsonl"
+    rows = [{"id": f"q{k}", "images": [str(png(200 + 30 * k, 300, seed=k))], "question": "Describe it."}
+            for k in range(8)]
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "phi3v_ort", "batch", str(items), "-o", str(out), "--model-dir", str(tiny_dir),
+           "--max-new-tokens", "300", "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
+        time.sleep(0.05)
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                 text=True).stdout.split()]
+    proc.kill()
+    proc.wait(timeout=30)
+    first = _lines(out) if out.read_bytes().endswith(b"\n") else None
+    for _ in range(100):  # the workers notice the closed pipe and exit
+        if not any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in children):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker processes outlived the killed batch: {children}")
+    done = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    final = _lines(out)
+    ids = [r["id"] for r in final]
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    if first is not None:
+        assert final[: len(first)] == first  # what was written before the kill is untouched
+    assert all("answer" in r for r in final)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line for line in f if line.startswith("State:")), "").lower()
+    except OSError:
+        return "zombie"

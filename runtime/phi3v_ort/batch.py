@@ -29,10 +29,13 @@ Output
   of ids that are not in this run's input neither count nor change.
 
 Generation
-- A bounded pool of worker threads loads and checks the next items' images (Pillow) and runs og's processor on
-  them while the model generates the current one; at most `prefetch` items wait prepared, so memory stays
-  bounded. og 0.18's Python bindings hold the GIL during its calls, so og's processor cannot truly overlap
-  generation; Pillow's decoding releases the GIL and does (see the batch benchmark for where the time goes).
+- The model runs in worker processes (worker.py; `workers` of them, each with its own model and its share of the
+  CPU threads): og 0.18 holds the GIL for each whole call, so in one process nothing else runs during a prefill.
+- This process prepares items in a small thread pool (image decoding and the runtime's input pipeline, Pillow and
+  numpy, both release the GIL), so preparation really runs beside generation; at most `workers + prefetch` items
+  are prepared or generating at once, so memory stays bounded. Lines are written in order of completion by this
+  process alone, so `--workers N` never interleaves or duplicates lines, and a kill of this process loses only
+  answers not yet written (the workers stop when their pipe closes).
 """
 
 from __future__ import annotations
@@ -44,14 +47,13 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Phi3vError
-from .generation import Finished, prepare, stream_prepared
+from .generation import Finished
 from .images import load_image
-from .loading import LoadedModel
 from .settings import GenerationSettings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -340,15 +342,16 @@ class Progress:
     started: float = 0.0
 
 
-def _prepare(model: LoadedModel, item: Item):  # -> what generation.prepare returns (named differently over time)
-    images = [load_image(src) for src in item.images]
-    return prepare(model, item.question, images)
+def _prepare(pipeline, item: Item) -> list:
+    """An item's images, decoded and prepared for the model (runs in a preparation thread)."""
+    return [pipeline.prepare_image(load_image(src)) for src in item.images]
 
 
-def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: GenerationSettings,
-              workers: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
+def run_batch(pool, pipeline, items: list[Item], output: Path, settings: GenerationSettings,
+              prepare_threads: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
               retry_errors: bool = True) -> Progress:
-    """Answer every item not yet answered in `output`, appending one JSON line per item.
+    """Answer every item not yet answered in `output` with the started worker.WorkerPool `pool`, appending one
+    JSON line per item; `pipeline` (inputs.make_pipeline) prepares the images here.
 
     `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
     lines dropped first) unless `retry_errors` is False."""
@@ -383,7 +386,9 @@ def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: Gen
         out = output.open("a", encoding="utf-8")
     except OSError as exc:
         raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
-    with out, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    generators = len(pool.workers)
+    with out, ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="prepare") as preparing, \
+            ThreadPoolExecutor(generators, thread_name_prefix="generate") as generating:
         try:
             for b in todo_bad:
                 _write_line(out, b.row())
@@ -392,59 +397,60 @@ def run_batch(model: LoadedModel, items: list[Item], output: Path, settings: Gen
                     on_progress(progress)
         except OSError as exc:
             raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
-        pending: deque[tuple[Item, Future]] = deque()
         queue = iter(todo)
+        running: dict[Future, Item] = {}
 
         def refill() -> None:
-            while len(pending) < max(1, prefetch):
+            while len(running) < generators + max(0, prefetch):
                 item = next(queue, None)
                 if item is None:
                     return
-                if prefetch > 0:
-                    future = pool.submit(_prepare, model, item)
-                else:  # strictly sequential: prepare only when the previous item is written
-                    future = Future()
-                    try:
-                        future.set_result(_prepare(model, item))
-                    except Exception as exc:  # noqa: BLE001 - delivered to _answer like a pool failure
-                        future.set_exception(exc)
-                pending.append((item, future))
+                prepared = preparing.submit(_prepare, pipeline, item)
+                running[generating.submit(_answer, pool, pipeline, item, prepared, settings)] = item
 
         refill()
         try:
-            while pending:
-                item, future = pending.popleft()
-                if prefetch > 0:
-                    refill()  # keep the pool busy with the next items while this one generates
-                row = _answer(model, item, future, settings, progress)
-                try:
-                    _write_line(out, row)
-                except OSError as exc:
-                    raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
-                if on_progress:
-                    on_progress(progress)
-                if prefetch <= 0:
-                    refill()
-        finally:
-            for _, future in pending:
+            while running:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    item = running.pop(future)
+                    row = future.result()
+                    if "error" in row:
+                        progress.failed += 1
+                    else:
+                        progress.done += 1
+                        progress.tokens += row["stats"]["generated_tokens"]
+                    try:
+                        _write_line(out, row)
+                    except OSError as exc:
+                        raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+                    if on_progress:
+                        on_progress(progress)
+                refill()
+        except BaseException:  # Ctrl-C or a failed write: stop the workers so no thread waits for them
+            for future in running:
                 future.cancel()
+            pool.close(timeout=1)
+            raise
     return progress
 
 
-def _answer(model: LoadedModel, item: Item, future: Future, settings: GenerationSettings, progress: Progress) -> dict:
-    try:
-        prepared = future.result()
-        finished = None
-        for event in stream_prepared(model, prepared, settings):
-            if isinstance(event, Finished):
-                finished = event
-        assert finished is not None
-    except Exception as exc:  # noqa: BLE001 - a bad item never stops the run; Ctrl-C (not an Exception) does
-        progress.failed += 1
-        message = str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
-        return {"id": item.id, "images": list(item.images), "question": item.question, "error": message}
-    progress.done += 1
-    progress.tokens += finished.stats.generated_tokens
-    return {"id": item.id, "images": list(item.images), "question": item.question, "answer": finished.text,
-            "token_ids": list(finished.token_ids), "stats": finished.stats.to_dict()}
+def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSettings) -> dict:
+    """One item on the first idle worker (in a generation thread): its result line, or its error line."""
+    from .worker import Job, run_job
 
+    base = {"id": item.id, "images": list(item.images), "question": item.question}
+    try:
+        images = prepared.result()
+        worker = pool.acquire()
+        events, error, _ = run_job(worker, Job(request_id=f"batch-{item.id}", question=item.question,
+                                               images=images, settings=settings, processor=pipeline.name,
+                                               crops=pipeline.crops, keep=False))
+        if error:
+            return {**base, "error": error["message"]}
+        finished = next(e for e in events if isinstance(e, Finished))
+    except Exception as exc:  # noqa: BLE001 - a bad item never stops the run; Ctrl-C (not an Exception) does
+        message = str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
+        return {**base, "error": message}
+    return {**base, "answer": finished.text, "token_ids": list(finished.token_ids),
+            "stats": finished.stats.to_dict()}

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -48,6 +49,26 @@ def open_model(model: str | None, model_dir: str | None, device: str, policy=Non
 
     return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy(),
                       threads=threads)
+
+
+def start_workers(model: str | None, model_dir: str | None, device: str, workers: int, threads: int | None,
+                  processor: str = "own", crops: int | None = None):
+    """The model in `workers` worker processes (the CPU threads divided among them), and this process's input
+    pipeline for the same package: the one way batch and serve get them."""
+    from .device import gpu_count, resolve_device
+    from .fetch import resolve_model_dir
+    from .inputs import make_pipeline
+    from .kv_cache import KVCachePolicy
+    from .loading import default_threads, open_inputs, read_package
+    from .worker import WorkerPool, WorkerSpec
+
+    info = read_package(resolve_model_dir(model, model_dir, device))
+    pipeline = make_pipeline(open_inputs(info), processor, crops)  # refuses a bad --crops before any worker starts
+    resolved = resolve_device(device)
+    threads = threads or (default_threads(workers) if resolved == "cpu" else None)
+    spec = WorkerSpec(str(info.path), resolved, KVCachePolicy(), threads)
+    pool = WorkerPool(spec, workers, gpus=gpu_count() if resolved == "cuda" else 0).start()
+    return pool, pipeline
 
 
 def input_options(f: Callable) -> Callable:
@@ -310,13 +331,20 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
 @click.option("--question", default=None, help="The question for every image of a folder (or a JSONL default).")
 @model_options
 @sampling_options
-@click.option("--workers", type=int, default=2, show_default=True, help="Threads preparing the next items.")
-@click.option("--prefetch", type=int, default=4, show_default=True, help="Items prepared ahead at most.")
+@input_options
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model worker processes, each with its own model (and its share of the CPU threads).")
+@threads_option
+@click.option("--prepare-threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads decoding and preparing the next items' images while the workers generate.")
+@click.option("--prefetch", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Items prepared ahead of the workers at most.")
 @click.option("--retry-errors/--no-retry-errors", default=True, show_default=True,
               help="Run again the items whose last line in OUTPUT is an error (the new line replaces it).")
 def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
           max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
-          workers: int, prefetch: int, retry_errors: bool) -> None:
+          crops: int | None, processor: str, workers: int, threads: int | None, prepare_threads: int, prefetch: int,
+          retry_errors: bool) -> None:
     """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT.
 
     Bad input lines are listed on stderr and the rest runs. Exit status: 0 every item is answered; 1 stopped by an
@@ -333,7 +361,7 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
     for bad in data.bad:
         click.echo(f"Error: {data.describe(bad)}", err=True)
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
-    loaded = open_model(model, model_dir, device)
+    pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops)
     show = sys.stderr.isatty()
 
     def progress(p) -> None:
@@ -343,11 +371,13 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
         click.echo(("\r" + line) if show else line, err=True, nl=not show)
 
     try:
-        p = run_batch(loaded, data.items, output, settings, workers=workers, prefetch=prefetch, on_progress=progress,
-                      bad=data.bad, retry_errors=retry_errors)
+        p = run_batch(pool, pipeline, data.items, output, settings, prepare_threads=prepare_threads,
+                      prefetch=prefetch, on_progress=progress, bad=data.bad, retry_errors=retry_errors)
     except KeyboardInterrupt:
         click.echo("\nInterrupted: finished items are in the output; run the same command to resume.", err=True)
         sys.exit(130)
+    finally:
+        pool.close()
     if show:
         click.echo("", err=True)
     parts = [f"{p.retried} earlier errors retried"] if p.retried else []
@@ -421,23 +451,13 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
         from .server import ServerLimits, create_app, serve_forever
     except ImportError as exc:
         raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
-    from .device import gpu_count, resolve_device
-    from .fetch import resolve_model_dir
-    from .kv_cache import KVCachePolicy
-    from .loading import default_threads, read_package
-    from .worker import WorkerPool, WorkerSpec
-
-    folder = resolve_model_dir(model, model_dir, device)
-    info = read_package(folder)
-    resolved = resolve_device(device)
-    threads = threads or (default_threads(workers) if resolved == "cpu" else None)
-    spec = WorkerSpec(str(info.path), resolved, KVCachePolicy(), threads)
-    pool = WorkerPool(spec, workers, gpus=gpu_count() if resolved == "cuda" else 0).start()
-    name = model_name or model or info.path.name
+    pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+    spec = pool.workers[0].spec
+    name = model_name or model or Path(spec.model_dir).name
     limits = ServerLimits(max_queue=max_queue)
     app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor)
-    click.echo(f"serving {name} ({resolved}, {workers} worker(s)"
-               f"{f', {threads} thread(s) each' if threads else ''}) on http://{host}:{port}/v1", err=True)
+    click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"
+               f"{f', {spec.threads} thread(s) each' if spec.threads else ''}) on http://{host}:{port}/v1", err=True)
     serve_forever(app, host, port, limits.grace_s)
 
 
