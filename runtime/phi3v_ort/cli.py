@@ -15,13 +15,18 @@ from .errors import Phi3vError
 
 
 class Phi3vGroup(click.Group):
-    """Turns every expected failure into `Error: <one sentence>` and a non-zero exit, never a traceback."""
+    """Turns every expected failure into `Error: <one sentence>` and a non-zero exit, never a traceback; a bad
+    option value too (click would print the usage block around it)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except Phi3vError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.UsageError as exc:
+            if exc.ctx is not None and exc.ctx.command is not self and "--help" not in (exc.ctx.args or []):
+                raise click.ClickException(exc.format_message()) from None
+            raise
 
 
 @click.group(cls=Phi3vGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,7 +188,7 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: prompt, input_ids, image_sizes, "
               "num_image_tokens, prompt_tokens.")
-@click.option("--save-pixels", type=click.Path(dir_okay=False), default=None, metavar="FILE.npy",
+@click.option("--save-pixels", type=click.Path(), default=None, metavar="FILE.npy",
               help="Write pixel_values as a .npy file.")
 def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
             system: str | None, crops: int | None, processor: str, as_json: bool, save_pixels: str | None) -> None:
@@ -234,6 +239,8 @@ def _save_npy(path: str, array) -> None:
     if array is None:
         raise _Error("there are no pixels to save: give at least one image with -i")
     target = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(target):
+        raise _Error(f"cannot write {path}: it is a folder")
     tmp = f"{target}.tmp-{os.getpid()}.npy"
     try:
         np.save(tmp, array)
@@ -408,9 +415,11 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
 @click.option("--no-share-buffer", is_flag=True, help="phi3v-ort without the shared KV buffer.")
 @click.option("--out", default="benchmarks/results/bench", show_default=True,
               help="Result path without extension (.json, .md, .png).")
+@input_options
+@threads_option
 def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str | None, device: str, torch_dtype: str,
           torch_attn: str, reps: int, warmup: int, max_new_tokens: int, cuda_graph: bool, no_share_buffer: bool,
-          out: str) -> None:
+          out: str, crops: int | None, processor: str, threads: int | None) -> None:
     """Measure phi3v-ort against the transformers reference on the same weights."""
     from .bench.harness import BenchConfig, run, write
     from .bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS
@@ -422,7 +431,8 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
     cfg = BenchConfig(model_dir=model_dir, checkpoint=checkpoint, engines=tuple(engines.split(",")),
                       scenarios=names, device=device, torch_dtypes=tuple(torch_dtype.split(",")),
                       torch_attn=tuple(torch_attn.split(",")), reps=reps, warmup=warmup,
-                      max_new_tokens=max_new_tokens, cuda_graph=cuda_graph, share_buffer=not no_share_buffer, out=out)
+                      max_new_tokens=max_new_tokens, cuda_graph=cuda_graph, share_buffer=not no_share_buffer, out=out,
+                      threads=threads, processor=processor, crops=crops)
     result = run(cfg)
     for path in write(result, out):
         click.echo(str(path))

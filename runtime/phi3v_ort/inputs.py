@@ -5,7 +5,7 @@ og 0.18 takes generator inputs built in Python: `input_ids` int32 [1, n] (image 
 [num_images, 2] and `num_image_tokens` int64 [1, num_images]; for equal arrays its greedy tokens equal its own
 processor's (tests/test_inputs.py). The runtime's pipeline (tokens.py + pixels.py) builds them to the reference
 processor's exact behaviour, with a crop budget, safe prompts, any image format, and all its work in Pillow and
-numpy, which release the GIL. C is read from the vision model's `pixel_values` input (17 in the release, whatever
+numpy. C is read from the vision model's `pixel_values` input (17 in the release, whatever
 the crop budget: unused crops are zero), never hard-coded.
 
 Everything here works from the package folder alone, without loading a model: the server and the batch runner

@@ -12,7 +12,7 @@ reference's fast tokenizer), in two forms:
   a control token: a typed `<|end|>` gives the same pieces as any other characters.
 A run between markers is what the reference tokenizes too (added tokens split the text before normalisation), so
 for prompts without marker strings in people's text the ids are the reference's, id for id
-(tests/test_tokens.py checks the golden file and a table of cases against the real Phi-3-vision tokenizer).
+(tests/test_inputs.py checks the golden file and a table of cases against the real Phi-3-vision tokenizer).
 """
 
 from __future__ import annotations

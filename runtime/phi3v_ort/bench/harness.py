@@ -41,6 +41,9 @@ class BenchConfig:
     share_buffer: bool = True
     cuda_graph: bool = False
     out: str = "benchmarks/results/bench"
+    threads: int | None = None  # intra-op threads for BOTH engines (og sessions, torch.set_num_threads)
+    processor: str = "own"  # how phi3v-ort builds its inputs (the reference engine gets the same arrays)
+    crops: int | None = None
 
 
 def measure_cpu_bandwidth(size_bytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -75,15 +78,16 @@ def bandwidth(device: str) -> dict:
 
 
 def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
-    """og-processor tensors for every generate scenario (the reference engine's inputs) and their preprocessing
-    time (image loading + og's processor, median of 3)."""
+    """The input arrays of every generate scenario, built by phi3v-ort's pipeline (`cfg.processor`, `cfg.crops`;
+    the reference engine gets the same arrays) and their preprocessing time (image loading + preparation,
+    median of 3)."""
     import io
 
     from ..generation import prepare
     from ..images import load_image
     from ..loading import load_model
 
-    model = load_model(cfg.model_dir, device="cpu")
+    model = load_model(cfg.model_dir, device="cpu", threads=cfg.threads)
     prepared = {}
     for name in cfg.scenarios:
         scenario = SCENARIOS[name]
@@ -92,12 +96,12 @@ def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
         times = []
         for _ in range(3):
             images = [load_image("-", stdin=io.BytesIO(render(*spec))) for spec in scenario.images]
-            p = prepare(model, scenario.question, images)
+            p = prepare(model, scenario.question, images, processor=cfg.processor, crops=cfg.crops)
             times.append(p.preprocess_s)
-        arrays = {"input_ids": np.asarray(p.inputs["input_ids"].as_numpy()).astype(np.int64)}
+        arrays = {"input_ids": np.asarray(p.input_ids).astype(np.int64)}
         if scenario.images:
-            arrays["pixel_values"] = np.asarray(p.inputs["pixel_values"].as_numpy()).astype(np.float32)
-            arrays["image_sizes"] = np.asarray(p.inputs["image_sizes"].as_numpy()).astype(np.int64)
+            arrays["pixel_values"] = np.asarray(p.pixel_values).astype(np.float32)
+            arrays["image_sizes"] = np.asarray(p.image_sizes).astype(np.int64)
         npz = workdir / f"{name}.npz"
         np.savez(npz, **arrays)
         prepared[name] = {"npz": str(npz), "preprocess_s": float(np.median(times)), "prompt_tokens": p.prompt_tokens,
@@ -118,8 +122,12 @@ def engine_runs(cfg: BenchConfig) -> list[dict]:
 
 
 def run(cfg: BenchConfig) -> dict:
+    from ..loading import default_threads
+
     if "torch" in cfg.engines and not cfg.checkpoint:
         cfg.checkpoint = str(Path(cfg.model_dir).resolve()) + ".checkpoint"
+    if cfg.threads is None and cfg.device == "cpu":
+        cfg.threads = default_threads()  # both engines on the same number of threads
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="phi3v-bench-") as tmp:
         workdir = Path(tmp)
@@ -129,7 +137,8 @@ def run(cfg: BenchConfig) -> dict:
             config = {**run_cfg, "model_dir": cfg.model_dir, "checkpoint": cfg.checkpoint, "device": cfg.device,
                       "scenarios": [s for s in cfg.scenarios], "reps": cfg.reps, "warmup": cfg.warmup,
                       "max_new_tokens": cfg.max_new_tokens, "prepared": prepared, "share_buffer": cfg.share_buffer,
-                      "cuda_graph": cfg.cuda_graph}
+                      "cuda_graph": cfg.cuda_graph, "threads": cfg.threads, "processor": cfg.processor,
+                      "crops": cfg.crops}
             cfg_path, out_path = workdir / f"{run_cfg['label']}.json", workdir / f"{run_cfg['label']}.result.json"
             cfg_path.write_text(json.dumps(config))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),

@@ -21,16 +21,18 @@ def markdown(r: dict) -> str:
              + (f", GPU {r['gpu']}" if r.get("gpu") else ""),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              f"- settings: {s['reps']} repetitions after {s['warmup']} warm-up, {s['max_new_tokens']} new tokens "
-             f"(EOS ignored), greedy; shared KV buffer {s['share_buffer']}, CUDA graph {s['cuda_graph']}",
+             f"(EOS ignored), greedy; shared KV buffer {s['share_buffer']}, CUDA graph {s['cuda_graph']}; "
+             f"inputs: processor {s.get('processor', 'og')}, crops {s.get('crops') or 16}",
              f"- command: `{r['command']}`", ""]
     for e in r["engines"]:
         if "error" in e:
             lines.append(f"- {e['label']}: FAILED ({e['error']})")
-    lines += ["## Engines", "", "| engine | precision | load | peak RSS | GPU memory |", "|---|---|---|---|---|"]
+    lines += ["## Engines", "", "| engine | precision | intra-op threads | load | peak RSS | GPU memory |",
+              "|---|---|---|---|---|---|"]
     for e in engines:
         mem = e.get("memory", {})
-        lines.append(f"| {e['label']} | {e['precision']} | {e['load_s']:.1f} s | {_mib(mem.get('peak_rss_bytes'))} | "
-                     f"{_mib(mem.get('gpu_memory_bytes'))} |")
+        lines.append(f"| {e['label']} | {e['precision']} | {e.get('threads') or 'default'} | {e['load_s']:.1f} s | "
+                     f"{_mib(mem.get('peak_rss_bytes'))} | {_mib(mem.get('gpu_memory_bytes'))} |")
 
     lines += ["", "## Generation (median, p90 in brackets)", "",
               "| scenario | engine | prompt tokens | preprocess ms | time to first token ms | prefill tok/s | "
@@ -79,13 +81,17 @@ def markdown(r: dict) -> str:
         b = e["scenarios"].get("batch")
         if b:
             m = b["metrics"]
-            lines += ["", f"## Batch throughput ({b['items']} images, phi3v-ort)", "",
+            lines += ["", f"## Batch throughput ({b['items']} images, phi3v-ort, one model worker process)", "",
                       "| mode | items/s |", "|---|---|",
-                      f"| preparation pool (2 threads, 4 ahead) | {m['pool_items_per_s']['median']:.2f} |",
-                      f"| strictly sequential | {m['sequential_items_per_s']['median']:.2f} |", "",
-                      f"Pool / sequential: {m['ratio_pool_over_sequential']:.2f}x. Where the time goes (sum over the "
-                      "items of one sequential run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s"
-                                                                   for k, v in m["time_split_s"].items()) + "."]
+                      f"| 1 intra-op thread, sequential (each item prepared after the last is written) | "
+                      f"{m['one_thread_sequential_items_per_s']['median']:.2f} |",
+                      f"| {m['threads']} threads, sequential | {m['sequential_items_per_s']['median']:.2f} |",
+                      f"| {m['threads']} threads, preparation overlapped (2 threads, 4 ahead) | "
+                      f"{m['pool_items_per_s']['median']:.2f} |", "",
+                      f"{m['threads']} threads / 1: {m['ratio_threads_over_one']:.2f}x; overlapped / sequential: "
+                      f"{m['ratio_pool_over_sequential']:.2f}x. Where the time goes (sum over the items of the last "
+                      "run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in m["time_split_s"].items())
+                      + "."]
 
     bw = r["bandwidth"]
     if r.get("limits") and r.get("prepared"):  # only runs with generate scenarios have decode rates to compare

@@ -75,10 +75,10 @@ def run_turn2(engine: OrtEngine, scenario, cfg: dict) -> dict:
                 return event.stats
 
     def once():
-        conv = Conversation(engine.model, settings)
+        conv = Conversation(engine.model, settings, processor=engine.processor, crops=engine.crops)
         ttft(conv, scenario.question, [image])
         reused = ttft(conv, follow_up)
-        fresh = Conversation(engine.model, settings)
+        fresh = Conversation(engine.model, settings, processor=engine.processor, crops=engine.crops)
         fresh.turns = [conv.turns[0]]  # the same transcript, without the kept generator: og's example's way
         again = ttft(fresh, follow_up)
         return {"reuse_ttft_s": reused.time_to_first_token_s, "reprefill_ttft_s": again.time_to_first_token_s,
@@ -91,8 +91,12 @@ def run_turn2(engine: OrtEngine, scenario, cfg: dict) -> dict:
 
 
 def run_batch_scenario(engine: OrtEngine, scenario, cfg: dict) -> dict:
+    """Batch items/s through worker processes: one thread vs the default threads (both sequential: each item
+    prepared only when the previous one is written), and the default threads with preparation overlapped."""
     from ..batch import Item, run_batch
+    from ..inputs import make_pipeline
     from ..settings import GenerationSettings
+    from ..worker import WorkerPool, WorkerSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="phi3v-bench-batch-"))
     try:
@@ -104,25 +108,37 @@ def run_batch_scenario(engine: OrtEngine, scenario, cfg: dict) -> dict:
         settings = GenerationSettings(max_new_tokens=cfg["max_new_tokens"], ignore_eos=True)
 
         split = {}
+        pipeline = make_pipeline(engine.model.builder, cfg.get("processor", "own"), cfg.get("crops"))
+        pools = {n: WorkerPool(WorkerSpec(str(engine.model.info.path), engine.device, threads=n), 1).start()
+                 for n in sorted({1, engine.threads or 1})}
 
-        def once(prefetch: int, workers: int) -> float:
+        def once(threads: int, prefetch: int) -> float:
             out = tmp / f"out-{time.perf_counter_ns()}.jsonl"
             t0 = time.perf_counter()
-            run_batch(engine.model, items, out, settings, workers=workers, prefetch=prefetch)
+            run_batch(pools[threads], pipeline, items, out, settings, prepare_threads=2, prefetch=prefetch)
             rate = len(items) / (time.perf_counter() - t0)
             rows = [json.loads(line)["stats"] for line in out.read_text().splitlines()]
-            for key in ("preprocess_s", "prefill_s", "decode_s"):  # where the time goes (sequential run's split)
+            for key in ("preprocess_s", "prefill_s", "decode_s"):  # where the time goes (the last run's split)
                 split[key] = sum(r[key] for r in rows)
             return rate
 
         samples = []
-        for rep in range(cfg["warmup"] + cfg["reps"]):
-            pair = {"pool_items_per_s": once(4, 2), "sequential_items_per_s": once(0, 1)}
-            if rep >= cfg["warmup"]:
-                samples.append(pair)
+        try:
+            for rep in range(cfg["warmup"] + cfg["reps"]):
+                row = {"one_thread_sequential_items_per_s": once(1, 0),
+                       "sequential_items_per_s": once(engine.threads or 1, 0),
+                       "pool_items_per_s": once(engine.threads or 1, 4)}
+                if rep >= cfg["warmup"]:
+                    samples.append(row)
+        finally:
+            for pool in pools.values():
+                pool.close()
         m = _metrics(samples)
         m["time_split_s"] = dict(split)
+        m["threads"] = engine.threads
         m["ratio_pool_over_sequential"] = (m["pool_items_per_s"]["median"] / m["sequential_items_per_s"]["median"])
+        m["ratio_threads_over_one"] = (m["sequential_items_per_s"]["median"]
+                                       / m["one_thread_sequential_items_per_s"]["median"])
         return {"metrics": m, "samples": samples, "items": len(items)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,11 +147,14 @@ def run_batch_scenario(engine: OrtEngine, scenario, cfg: dict) -> dict:
 def main(config_path: str, result_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
     if cfg["engine"] == "ort":
-        engine = OrtEngine(cfg["model_dir"], cfg["device"], cfg.get("share_buffer", True), cfg.get("cuda_graph", False))
+        engine = OrtEngine(cfg["model_dir"], cfg["device"], cfg.get("share_buffer", True), cfg.get("cuda_graph", False),
+                           cfg.get("threads"), cfg.get("processor", "own"), cfg.get("crops"))
     else:
-        engine = TorchEngine(cfg["checkpoint"], cfg["device"], cfg.get("dtype", "fp32"), cfg.get("attn", "eager"))
+        engine = TorchEngine(cfg["checkpoint"], cfg["device"], cfg.get("dtype", "fp32"), cfg.get("attn", "eager"),
+                             cfg.get("threads"))
     result = {"engine": engine.name, "label": cfg["label"], "precision": engine.precision, "device": engine.device,
-              "load_s": engine.load_s, "weight_bytes": engine.weight_bytes, "scenarios": {}}
+              "load_s": engine.load_s, "weight_bytes": engine.weight_bytes, "threads": engine.threads,
+              "scenarios": {}}
     for name in cfg["scenarios"]:
         scenario = SCENARIOS[name]
         print(f"[bench] {cfg['label']}: {name}", file=sys.stderr, flush=True)
