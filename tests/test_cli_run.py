@@ -272,3 +272,28 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_dir):
     assert proc.returncode == 130, err.decode()
     assert len(first + rest) > 1
     assert err.decode().strip() == "Interrupted."
+
+
+def test_ctrl_c_during_the_prefill_ends_run_at_once(tiny_dir, monkeypatch):
+    """og holds the GIL for the whole prefill, so Python's handler could not run until it returns: during the
+    prefill `run` leaves SIGINT to its default action (the process ends at once), and gives Python's handler back
+    for the answer (Ctrl-C then keeps the partial text: test_ctrl_c_keeps_the_partial_answer)."""
+    import signal
+
+    from phi3v_ort import generation
+
+    seen = []
+    real_stream = generation.stream
+
+    def watching_stream(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))  # before the prefill starts
+        for event in real_stream(*args, **kwargs):
+            seen.append(signal.getsignal(signal.SIGINT))
+            yield event
+
+    monkeypatch.setattr(generation, "stream", watching_stream)
+    result = run_cli("--model-dir", tiny_dir, "--max-new-tokens", 3, "hello")
+    assert result.exit_code == 0, result.stderr
+    assert seen[0] is signal.SIG_DFL  # the prefill: Ctrl-C ends the process
+    assert seen[-1] is signal.default_int_handler  # the answer: Ctrl-C is a KeyboardInterrupt again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import sys
@@ -149,7 +151,10 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     out = sys.stdout
     finished = None
     try:
-        for event in stream(loaded, question, loaded_images, settings, system, processor, crops):
+        with prefill_interruptible():
+            events = stream(loaded, question, loaded_images, settings, system, processor, crops)
+            first = next(events)  # the prefill: og holds the GIL until it returns
+        for event in itertools.chain([first], events):
             if isinstance(event, Finished):
                 finished = event
             elif not as_json and event.text:
@@ -249,6 +254,26 @@ def _save_npy(path: str, array) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise _Error(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def prefill_interruptible():
+    """og 0.18 holds the GIL for a whole prefill (minutes for the real model on a CPU), so Python's Ctrl-C handler
+    would run only when it returns. During the prefill of `run` there is no answer yet to keep, so Ctrl-C there
+    ends the process at once (the signal's default action; the shell reports 130), and Python's handler is back
+    for the answer (which keeps the partial text). Only in the main thread, where signals can be set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not \
+            signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def format_stats(stats) -> str:

@@ -48,7 +48,7 @@ from .inputs import DEFAULT_PROCESSOR, make_pipeline
 from .kv_cache import kv_cache_bytes
 from .loading import LoadedModel
 from .prompt import END, NEWLINE, Segment, answer_turn, system_turn, user_turn
-from .settings import GenerationSettings, search_options
+from .settings import GenerationSettings, create_generator, search_options
 
 DEFAULT_RESERVE_TOKENS = 2048
 
@@ -130,8 +130,12 @@ class Conversation:
         if live is not None:
             if images:
                 reason = "a new image needs the vision model, which runs only on a fresh generator"
+            elif live.sampling[-1] != self._sampling()[-1]:
+                reason = "the output constraint changed, and og fixes it when a generator is created"
             elif live.sampling != self._sampling():
                 reason = "the sampling settings changed, and og fixes them when a generator is created"
+            elif self.settings.guidance is not None and live.unfed_last_token:
+                reason = "the last answer was cut before its output constraint was complete"
             else:
                 continuation = self._continuation_ids(live, user)
                 if live.seq_len + len(continuation) + self.settings.max_new_tokens > live.max_length:
@@ -176,8 +180,6 @@ class Conversation:
 
     def _prefill(self, turn: Turn, kept: list[Turn], started: float,
                  reason: str | None) -> Iterator[TokenEvent | Notice | Finished]:
-        import onnxruntime_genai as og
-
         self._live = None  # free the old cache before allocating the new one
         images = [img for t in kept for img in t.images] + turn.images
         inputs = self.pipeline.inputs(self._transcript(kept, turn), images, self.model)
@@ -185,9 +187,8 @@ class Conversation:
         self._check_fits(prompt_tokens)
         max_length = min(self.model.info.context_length,
                          prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
-        params = og.GeneratorParams(self.model.og_model)
-        params.set_search_options(**search_options(self.settings, max_length, self.model.policy.share_buffer))
-        generator = og.Generator(self.model.og_model, params)
+        generator = create_generator(self.model.og_model, self.settings, max_length,
+                                     self.model.policy.share_buffer)  # compiles a constraint, before the prefill
         preprocess_s = time.perf_counter() - started
 
         t_prefill = time.perf_counter()
@@ -239,8 +240,11 @@ class Conversation:
         yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
 
     def _sampling(self) -> tuple:
+        """What a generator is created with besides its length: the search options, then the output constraint
+        (last: ask() names a changed constraint as such)."""
         options = search_options(self.settings, 0, self.model.policy.share_buffer)
-        return tuple(sorted((k, v) for k, v in options.items() if k not in ("max_length", "min_length")))
+        return tuple(sorted((k, v) for k, v in options.items() if k not in ("max_length", "min_length"))) + (
+            ("guidance", self.settings.guidance),)
 
     # -- transcript --------------------------------------------------------------------------------------------
 

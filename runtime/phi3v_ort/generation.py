@@ -21,7 +21,8 @@ from .inputs import DEFAULT_PROCESSOR, ModelInputs, make_pipeline
 from .kv_cache import plan
 from .loading import LoadedModel
 from .prompt import build_prompt
-from .settings import GenerationSettings, search_options
+from .guidance import decode_failure, is_guidance_failure
+from .settings import GenerationSettings, create_generator
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,8 @@ def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
 def stream_prepared(model: LoadedModel, prepared: ModelInputs,
                     settings: GenerationSettings = GenerationSettings()) -> Iterator[TokenEvent | Finished]:
     """The generation loop for a prepared request."""
-    import onnxruntime_genai as og
-
     kv = plan(model.info, prepared.prompt_tokens, settings.max_new_tokens, model.policy)  # refuses before allocating
-    params = og.GeneratorParams(model.og_model)
-    params.set_search_options(**search_options(settings, kv.max_length, kv.share_buffer))
-    generator = og.Generator(model.og_model, params)
+    generator = create_generator(model.og_model, settings, kv.max_length, kv.share_buffer)  # compiles a constraint
     eos = model.info.eos_token_id
     tokens: list[int] = []
     pieces: list[str] = []
@@ -144,7 +141,12 @@ def decode_tokens(generator, tokenizer, eos: int, max_new_tokens: int | None = N
     at_start = True
     count = 0
     while not generator.is_done() and (max_new_tokens is None or count < max_new_tokens):
-        generator.generate_next_token()
+        try:
+            generator.generate_next_token()
+        except RuntimeError as exc:  # og's constrained decoder (llguidance) can fail mid-answer: one sentence
+            if is_guidance_failure(exc):
+                raise decode_failure(exc, count) from None
+            raise
         token = int(generator.get_next_tokens()[0])
         if clock is not None:
             clock.t_last = time.perf_counter()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,21 +96,19 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 
 
 def _download(url: str, max_bytes: int, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "phi3v-ort"})
+    """The CLI's own URLs: the same fetcher as the server (one deadline for the whole image, redirects followed
+    by hand), private addresses allowed (it is the user's machine), and the precise cause in the message."""
+    from .remote import RemoteImageError, fetch_image_bytes
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            kind = response.headers.get_content_type()
-            if kind and not kind.startswith("image/") and kind != "application/octet-stream":
-                raise Phi3vError(f"{url} is not an image (the server says {kind})")
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise Phi3vError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit")
-            return response.read(max_bytes + 1)
-    except urllib.error.HTTPError as exc:
-        raise Phi3vError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise Phi3vError(f"could not download {url}: {reason}") from None
+        return fetch_image_bytes(url, max_bytes=max_bytes, deadline_s=timeout, allow_private=True)
+    except RemoteImageError as exc:
+        if exc.too_large:
+            raise Phi3vError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit") from None
+        if exc.cause.startswith("content type "):
+            raise Phi3vError(f"{url} is not an image (the server says {exc.cause.removeprefix('content type ')})") \
+                from None
+        raise Phi3vError(f"could not download {url}: {exc.cause}") from None
 
 
 def decode(raw: bytes, label: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, bool]:

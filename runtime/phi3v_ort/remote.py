@@ -38,9 +38,11 @@ class RemoteImageError(Phi3vError):
     """A remote image could not be had. str() is one sentence safe to show the client; ``detail`` says what really
     happened, for the server's log only."""
 
-    def __init__(self, message: str, detail: str = "") -> None:
+    def __init__(self, message: str, detail: str = "", cause: str = "", too_large: bool = False) -> None:
         super().__init__(message)
         self.detail = detail or message
+        self.cause = cause or message  # the precise reason in a few words (for a user fetching their own URL)
+        self.too_large = too_large
 
 
 class _Refused(Exception):
@@ -90,11 +92,12 @@ def fetch_image_bytes(url: str, *, max_bytes: int, deadline_s: float, allow_priv
         raise _Refused(f"more than {max_redirects} redirects")
     except _TooLarge as exc:
         raise RemoteImageError(f"the image at {shown} is larger than the {_size(max_bytes)} limit",
-                               detail=str(exc)) from None
+                               detail=str(exc), too_large=True) from None
     except (_Refused, OSError, http.client.HTTPException, ValueError) as exc:
         raise RemoteImageError(f"could not fetch the image at {shown}: the address is not allowed or did not "
                                "answer with an image in time",
-                               detail=f"{target.geturl()}: {type(exc).__name__}: {exc}") from None
+                               detail=f"{target.geturl()}: {type(exc).__name__}: {exc}",
+                               cause=str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}") from None
 
 
 def _parse(url: str):
