@@ -31,6 +31,9 @@ Output
 Generation
 - The model runs in worker processes (worker.py; `workers` of them, each with its own model and its share of the
   CPU threads): og 0.18 holds the GIL for each whole call, so in one process nothing else runs during a prefill.
+- With an output constraint (settings.guidance), a line carries `parsed` (a JSON schema's value); an answer cut
+  by the token budget before its structure was complete is an error line (with `partial_answer`), and a
+  constraint og cannot compile stops the run with one `Error:` line at the first item (exit 1).
 - This process prepares items in a small thread pool (image decoding and the runtime's input pipeline, Pillow and
   numpy, both release the GIL), so preparation really runs beside generation; at most `workers + prefetch` items
   are prepared or generating at once, so memory stays bounded. Lines are written in order of completion by this
@@ -53,6 +56,7 @@ from pathlib import Path
 
 from .errors import Phi3vError
 from .generation import Finished
+from .guidance import GuidanceError, outcome
 from .images import load_image
 from .settings import GenerationSettings
 
@@ -446,11 +450,18 @@ def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSe
         events, error, _ = run_job(worker, Job(request_id=f"batch-{item.id}", question=item.question,
                                                images=images, settings=settings, processor=pipeline.name,
                                                crops=pipeline.crops, keep=False))
+        if error and error["kind"] == "guidance":  # the same for every item: stop the run (before its prefill)
+            raise GuidanceError(error["message"])
         if error:
             return {**base, "error": error["message"]}
         finished = next(e for e in events if isinstance(e, Finished))
+    except GuidanceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a bad item never stops the run; Ctrl-C (not an Exception) does
         message = str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
         return {**base, "error": message}
-    return {**base, "answer": finished.text, "token_ids": list(finished.token_ids),
-            "stats": finished.stats.to_dict()}
+    result = outcome(settings.guidance, finished.text, finished.stats.finish_reason, finished.stats.generated_tokens)
+    if not result.complete:  # an error line (retried by the next run, e.g. with a larger --max-new-tokens)
+        return {**base, "error": result.problem, "partial_answer": finished.text, "stats": finished.stats.to_dict()}
+    return {**base, "answer": finished.text, **({"parsed": result.parsed} if result.has_parsed else {}),
+            "token_ids": list(finished.token_ids), "stats": finished.stats.to_dict()}

@@ -17,12 +17,15 @@ import json
 import os
 import sys
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from . import guidance
 from .conversation import Conversation
 from .errors import Phi3vError
 from .generation import Finished, Notice
+from .guidance import outcome
 from .images import ImageInput, load_image
 
 HELP = """Commands:
@@ -30,6 +33,8 @@ HELP = """Commands:
   /detach       drop the images attached to your next question
   /reset        start over (forget the conversation and its images)
   /stats        the last answer's stats
+  /format KIND  the answers' format from the next question on: text, json (any object), schema FILE_OR_JSON,
+                regex PATTERN, grammar FILE.lark (a change re-prefills the conversation once)
   /save FILE    save the transcript as JSON (never over an existing file)
   /save! FILE   the same, replacing FILE if it exists
   /help         this help
@@ -107,6 +112,11 @@ def _ask(conversation: Conversation, question: str, attached: list, out: TextIO,
                     generated = True
                     out.write("\n" if isinstance(event, Finished) else event.text)
                 out.flush()
+                if isinstance(event, Finished):  # a constrained answer that is not complete says so
+                    result = outcome(conversation.settings.guidance, event.text, event.stats.finish_reason,
+                                     event.stats.generated_tokens)
+                    if not result.complete:
+                        err.write(f"Error: {result.problem}\n")
         return []
     except KeyboardInterrupt:
         error = None
@@ -145,6 +155,9 @@ def _command(conversation: Conversation, line: str, attached: list, err: TextIO,
         conversation.reset()
         attached.clear()
         err.write("conversation reset\n")
+    elif command == "/format":
+        conversation.settings = replace(conversation.settings, guidance=_format(arg))
+        err.write(f"answers from the next question on: {arg.split(' ', 1)[0] if arg else 'text'}\n")
     elif command == "/stats":
         err.write((format_stats(conversation.last_stats) if conversation.last_stats else "no answer yet") + "\n")
     elif command in ("/save", "/save!"):
@@ -154,6 +167,23 @@ def _command(conversation: Conversation, line: str, attached: list, err: TextIO,
     else:
         raise Phi3vError(f"unknown command {command} (/help lists them)")
     return True
+
+
+def _format(arg: str):
+    """`/format` KIND [ARG] -> the output constraint (None for text)."""
+    kind, _, value = arg.partition(" ")
+    value = value.strip()
+    if kind in ("", "text"):
+        return None
+    if kind == "json":
+        return guidance.json_object("/format json")
+    needs = {"schema": "a schema file or inline JSON", "regex": "a pattern", "grammar": "a .lark file"}
+    if kind not in needs:
+        raise Phi3vError(f"/format takes text, json, schema, regex or grammar, not {kind!r}")
+    if not value:
+        raise Phi3vError(f"/format {kind} needs {needs[kind]}")
+    option = {"schema": "json_schema_arg", "regex": "regex_arg", "grammar": "grammar_arg"}[kind]
+    return replace(guidance.from_cli(**{option: value}), label=f"/format {kind}")
 
 
 def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO, out: TextIO, err: TextIO,

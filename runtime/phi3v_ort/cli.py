@@ -108,13 +108,31 @@ def sampling_options(f: Callable) -> Callable:
     return f
 
 
+def guidance_options(f: Callable) -> Callable:
+    """Structured output (guidance.py): at most one of --json-schema, --json-object, --regex, --grammar."""
+    for decorator in reversed([
+        click.option("--json-schema", "json_schema", default=None, metavar="FILE_OR_JSON",
+                     help="Constrain the answer to JSON following this schema (a file, or inline JSON starting "
+                     "with '{'); the runtime adds only compact whitespace (see README, Structured output)."),
+        click.option("--json-object", "json_object", is_flag=True, help="Constrain the answer to a JSON object."),
+        click.option("--regex", "regex", default=None, metavar="PATTERN",
+                     help="Constrain the answer to match PATTERN (\\d means [0-9])."),
+        click.option("--grammar", "grammar", default=None, metavar="FILE.lark",
+                     help="Constrain the answer to a Lark grammar (llguidance's Lark dialect)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 def make_settings(max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
-                  seed: int | None):
-    """Greedy unless a sampling option is given: the one place the CLI builds GenerationSettings."""
+                  seed: int | None, guidance=None):
+    """Greedy unless a sampling option is given: the one place the CLI builds GenerationSettings. `guidance`: the
+    output constraint (guidance.from_cli), checked here before any model is loaded as far as that can be."""
     from .settings import GenerationSettings
 
     sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
-    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, **sampling)
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, guidance=guidance,
+                              **sampling)
 
 
 @cli.command()
@@ -131,17 +149,21 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of "
               "streaming.")
+@guidance_options
 def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
         max_new_tokens: int,
         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
         crops: int | None, processor: str, threads: int | None, no_share_buffer: bool, cuda_graph: bool,
-        show_stats: bool, as_json: bool) -> None:
+        show_stats: bool, as_json: bool, json_schema: str | None, json_object: bool, regex: str | None,
+        grammar: str | None) -> None:
     """Ask QUESTION about zero or more images; the answer streams to stdout."""
+    from . import guidance
     from .generation import Finished, stream
     from .images import load_image
     from .kv_cache import KVCachePolicy
 
-    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
+                             guidance.from_cli(json_schema, json_object, regex, grammar))
     policy = KVCachePolicy(share_buffer=not no_share_buffer, cuda_graph=cuda_graph)
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
@@ -168,6 +190,8 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         sys.exit(130)
 
     assert finished is not None
+    result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
+                              finished.stats.generated_tokens)
     if as_json:
         click.echo(json.dumps({
             "text": finished.text,
@@ -175,6 +199,7 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
             "prompt_tokens": finished.stats.prompt_tokens,
             "num_image_tokens": list(finished.stats.image_tokens),
             "finish_reason": finished.stats.finish_reason,
+            **({"parsed": result.parsed} if result.has_parsed else {}),
             "stats": finished.stats.to_dict(),
         }, ensure_ascii=False))
     else:
@@ -182,6 +207,8 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         out.flush()
     if show_stats:
         click.echo(format_stats(finished.stats), err=True)
+    if not result.complete:  # a constrained answer that is not complete is never passed off as fine
+        raise Phi3vError(result.problem)
 
 
 @cli.command()
@@ -340,15 +367,19 @@ def info(model: str | None, model_dir: str | None, device: str, threads: int | N
 @threads_option
 @click.option("--reserve-tokens", type=int, default=2048, show_default=True,
               help="KV-cache room kept for follow-up turns beyond the first answer.")
+@guidance_options
 def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, device: str, max_new_tokens: int,
          temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
-         crops: int | None, processor: str, threads: int | None, reserve_tokens: int) -> None:
+         crops: int | None, processor: str, threads: int | None, reserve_tokens: int, json_schema: str | None,
+         json_object: bool, regex: str | None, grammar: str | None) -> None:
     """An interactive chat about images that keeps the KV cache between turns."""
+    from . import guidance
     from .chat import run_chat, stdin_is_terminal
     from .conversation import Conversation
     from .images import load_image
 
-    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
+                             guidance.from_cli(json_schema, json_object, regex, grammar))
     loaded_images = [load_image(src) for src in images]
     conversation = Conversation(open_model(model, model_dir, device, threads=threads), settings, system,
                                 reserve_tokens, processor=processor, crops=crops)
@@ -373,10 +404,12 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
               help="Items prepared ahead of the workers at most.")
 @click.option("--retry-errors/--no-retry-errors", default=True, show_default=True,
               help="Run again the items whose last line in OUTPUT is an error (the new line replaces it).")
+@guidance_options
 def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
           max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
           crops: int | None, processor: str, workers: int, threads: int | None, prepare_threads: int, prefetch: int,
-          retry_errors: bool) -> None:
+          retry_errors: bool, json_schema: str | None, json_object: bool, regex: str | None,
+          grammar: str | None) -> None:
     """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT.
 
     Bad input lines are listed on stderr and the rest runs. Exit status: 0 every item is answered; 1 stopped by an
@@ -385,14 +418,16 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
     """
     import time
 
+    from . import guidance
     from .batch import check_output, read_batch, run_batch
 
+    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
+                             guidance.from_cli(json_schema, json_object, regex, grammar))
     data = read_batch(source, question)
     ids = [it.id for it in data.items] + [b.id for b in data.bad if b.id is not None]
     check_output(output, source, ids, retry_errors)
     for bad in data.bad:
         click.echo(f"Error: {data.describe(bad)}", err=True)
-    settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed)
     pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops)
     show = sys.stderr.isatty()
 

@@ -20,6 +20,8 @@ What og 0.18 does, measured on the fixture (tests/test_conversation.py checks ea
   `append_tokens()` with image ids both fail in the embedding model (the vision model runs only for the first
   inputs). Such a turn re-prefills the transcript with all images, and says so.
 - `Generator.rewind_to` is not supported for phi3v, so nothing here relies on it.
+- An output constraint (settings.guidance) is fixed when a generator is created: a turn that changes it (or turns
+  it on or off) re-prefills, and so does a constrained turn after an answer cut mid-structure (guidance.py).
 
 Budget: the generator's max_length is fixed when it is created (the shared KV buffer is allocated at that size):
 prompt tokens + max_new_tokens + `reserve_tokens` (default 2048, room for follow-up turns), capped at the
@@ -43,6 +45,7 @@ import numpy as np
 
 from .errors import Phi3vError
 from .generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
+from .guidance import GuidanceFailed
 from .images import ImageInput
 from .inputs import DEFAULT_PROCESSOR, make_pipeline
 from .kv_cache import kv_cache_bytes
@@ -220,6 +223,9 @@ class Conversation:
                 pieces.append(event.text)
                 turn.answer = "".join(pieces)
                 yield event
+        except GuidanceFailed:  # og's constraint state is broken: the next turn starts a fresh generator
+            self._live = None
+            raise
         finally:
             # What og holds is the truth, also after Ctrl-C or an abandoned stream.
             turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]

@@ -16,7 +16,8 @@ What the runtime adds to a JSON schema (and nothing else):
   accepts). A string without `maxLength` can still run until the token budget; then the answer is reported as
   cut (below), never returned as if it were complete.
 `--json-object` / `response_format: {"type": "json_object"}` is the schema `{"type": "object"}` with the same
-addition. Regexes and grammars are passed to og exactly as given.
+addition. In a `--regex`, `\\d` / `\\D` mean an ASCII digit / non-digit (`[0-9]`, as JSON Schema's patterns read
+them; see `ascii_digits`); everything else in a regex, and Lark grammars, are passed to og exactly as given.
 
 The guarantee (`outcome`): a guided answer that ended on the end token is complete by construction (og's mask
 allows the end token only where the constraint accepts), and a JSON one is parsed (and a regex one matched) here
@@ -48,7 +49,7 @@ class GuidanceError(Phi3vError):
     """A constraint og cannot compile (or a malformed one): the user's input, said in one sentence."""
 
 
-class GuidanceFailed(Exception):
+class GuidanceFailed(Phi3vError):
     """og's constrained decoder failed in the middle of an answer (not the user's fault: a 500 on the server)."""
 
 
@@ -97,7 +98,46 @@ def json_object(label: str = "--json-object") -> Guidance:
 
 
 def regex(pattern: str, label: str = "the regex") -> Guidance:
-    return Guidance("regex", pattern, label)
+    return Guidance("regex", ascii_digits(pattern), label)
+
+
+def ascii_digits(pattern: str) -> str:
+    """`\\d` -> `[0-9]` and `\\D` -> `[^0-9]` (in a class: `\\d` -> `0-9`); every other character as given.
+
+    og's regex `\\d` is Unicode's (fullwidth and other scripts' digits too), which is rarely what a pattern for a
+    date or a number means, and og 0.18 fails mid-answer on the tiny fixture when a model starts such a multi-byte
+    digit ("Error committing tokens ... forced bytes"). JSON Schema's patterns (ECMA-262) read `\\d` as [0-9] too."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif nxt == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(c + nxt)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):  # a negation and a leading "]" are part of the class, not its end
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):
+                out.append("]")
+                i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def lark_grammar(grammar: str, label: str = "the grammar") -> Guidance:

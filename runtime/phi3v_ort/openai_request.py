@@ -10,7 +10,11 @@ The field rule:
 - Fields asking for what phi3v-ort does not do are a 400 naming them unless they hold their "off" value:
   `n` (1), `logprobs` (false), `top_logprobs`, `tools`/`functions` (empty), `tool_choice`/`function_call`
   ("none"), `logit_bias` (empty), `frequency_penalty`/`presence_penalty` (0), `parallel_tool_calls` (false),
-  `modalities` (["text"]), `response_format` ({"type": "text"}).
+  `modalities` (["text"]).
+- `response_format` (structured output, guidance.py): `{"type": "text"}`, `{"type": "json_object"}` or
+  `{"type": "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}`; anything else is a 400
+  naming response_format. `strict` is accepted either way: the schema always constrains decoding. Whether og can
+  compile the schema is known only where the model is (a worker): a 400 naming response_format from there.
 - Fields that only describe the request to OpenAI's platform are accepted and ignored: `model` (the server serves
   one model), `user`, `metadata`, `store`, `service_tier`.
 - Extensions: `top_k` (1..100000, as vLLM takes it) and `crops` (1..16, phi3v-ort's crop budget per image).
@@ -24,11 +28,14 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from . import guidance
 from .errors import Phi3vError
+from .guidance import Guidance
 from .settings import INT32_MAX, SEED_MAX, GenerationSettings
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; this bounds the work any later walk of the body does
@@ -125,7 +132,7 @@ class ParsedRequest:
     include_usage: bool
     stop: list[str]
     crops: int | None = None  # phi3v-ort's crop budget per image (extension); None: the model's default
-    response_format: dict | None = None  # only {"type": "text"} so far
+    response_format: dict | None = None  # as given; its constraint is settings.guidance
 
 
 # -- field checks ----------------------------------------------------------------------------------------------------
@@ -183,7 +190,6 @@ def _check_fields(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         _only_off(body, name, (0, 0.0), "only 0")
     _only_off(body, "modalities", (["text"],), "text output only")
-    _only_off(body, "response_format", ({"type": "text"},), 'only {"type": "text"} for now')
     for name, kind, what in (("model", str, "a string"), ("user", str, "a string"), ("service_tier", str, "a string"),
                              ("metadata", dict, "an object"), ("store", bool, "true or false")):
         if body.get(name) is not None and not isinstance(body[name], kind):
@@ -215,6 +221,52 @@ def _stream_options(body: dict, stream: bool) -> bool:
         if value is not None and not isinstance(value, bool):
             raise _bad(f"stream_options.{key}", f"stream_options.{key} must be true or false")
     return bool(options.get("include_usage"))
+
+
+RESPONSE_FORMAT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(body: dict) -> Guidance | None:
+    """OpenAI's response_format as an output constraint (None for text)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise _bad("response_format", 'response_format must be an object with a type: "text", "json_object" or '
+                                      '"json_schema"')
+    kind = rf["type"]
+    allowed = {"text": ("type",), "json_object": ("type",), "json_schema": ("type", "json_schema")}.get(kind)
+    if allowed is None:
+        raise _bad("response_format.type", f'response_format.type must be "text", "json_object" or "json_schema", '
+                                           f"got {_show(kind)}")
+    extra = sorted(k for k in rf if k not in allowed)
+    if extra:
+        raise _bad(f"response_format.{extra[0]}", f"unknown field response_format.{extra[0]} for type {kind!r}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return guidance.json_object("response_format")
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _bad("response_format.json_schema", "response_format.json_schema must be an object with a name and "
+                                                  "a schema")
+    extra = sorted(k for k in spec if k not in ("name", "schema", "strict", "description"))
+    if extra:
+        raise _bad(f"response_format.json_schema.{extra[0]}", f"unknown field response_format.json_schema.{extra[0]}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not RESPONSE_FORMAT_NAME.fullmatch(name):
+        raise _bad("response_format.json_schema.name", "response_format.json_schema.name must be 1-64 letters, "
+                                                       f"digits, _ or -, got {_show(name)}")
+    for key, kind_, what in (("strict", bool, "true or false"), ("description", str, "a string")):
+        if spec.get(key) is not None and not isinstance(spec[key], kind_):
+            raise _bad(f"response_format.json_schema.{key}", f"response_format.json_schema.{key} must be {what}")
+    param = "response_format.json_schema.schema"
+    if "schema" not in spec:
+        raise _bad(param, f"{param} is missing: give the JSON schema the answer must follow")
+    try:
+        return guidance.json_schema(spec["schema"], param)
+    except Phi3vError as exc:
+        raise _bad(param, str(exc)) from None
 
 
 # -- messages --------------------------------------------------------------------------------------------------------
@@ -336,13 +388,14 @@ def parse_request(body: dict, *, allow_remote: bool, max_images: int, max_image_
     stream = bool(_bool(body, "stream"))
     include_usage = _stream_options(body, stream)
     stop = _stop(body)
+    constraint = _response_format(body)
     system, history, last = _messages(body, allow_remote, max_images, max_image_bytes)
 
     sampling = {"temperature": temperature} if temperature else {}  # 0 or absent: greedy
     sampling.update({k: v for k, v in (("top_p", top_p), ("top_k", top_k)) if v is not None})
     try:
         settings = GenerationSettings(max_new_tokens=max_completion_tokens or max_tokens or max_tokens_default,
-                                      do_sample=bool(temperature), seed=seed, **sampling)
+                                      do_sample=bool(temperature), seed=seed, guidance=constraint, **sampling)
     except Phi3vError as exc:  # the checks above should leave nothing for this, but never a 500
         raise _bad(None, str(exc)) from None
     return ParsedRequest(system=system, history=history, question=last.question, images=last.images,

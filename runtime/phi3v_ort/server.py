@@ -17,6 +17,9 @@ measured on `small`); here the event loop never runs og code.
   generation; a worker that dies fails only its request (a 500, or an error event in the stream) and is restarted;
   on SIGTERM queued requests get a 503 at once and running ones finish within the grace period or end with an
   error event.
+- Structured output: `response_format` json_object / json_schema (guidance.py) constrains decoding; a schema og
+  cannot compile is a 400 naming response_format, also for a streamed request (its response starts only once the
+  worker has created its generator), and an answer cut by max_tokens ends with finish_reason "length".
 - Reuse: a request whose messages extend a conversation answered recently is sent to the worker that keeps its
   generator (conversation.py) and continues it instead of re-prefilling.
 """
@@ -40,7 +43,7 @@ from starlette.routing import Route
 
 from .conversation import ContextTooLong, transcript
 from .errors import Phi3vError
-from .generation import Finished, TokenEvent
+from .generation import Finished, Notice, TokenEvent
 from .images import decode, load_image
 from .inputs import make_pipeline
 from .loading import PackageInfo, open_inputs, read_package
@@ -277,8 +280,6 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             body = await read_body(request)
             req = parse_request(body, allow_remote=allow_remote_images, max_images=limits.max_images,
                                 max_image_bytes=limits.max_image_bytes, max_tokens_default=limits.max_tokens_default)
-            if req.response_format not in (None, {"type": "text"}):
-                raise ApiError(400, "response_format other than text is not supported yet", param="response_format")
             try:
                 pipeline = make_pipeline(service.builder, processor, req.crops)
             except Phi3vError as exc:
@@ -358,6 +359,8 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 return ApiError(400, message, param="messages", code="context_length_exceeded")
             if kind == "invalid":
                 return ApiError(400, message)
+            if kind == "guidance":
+                return ApiError(400, message, param="response_format")
             if kind == "shutdown":
                 return ApiError(503, message, "server_error")
             return ApiError(500, message, "server_error")
@@ -366,13 +369,19 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             p, c = state["prompt_tokens"], state["generated"]
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+        disconnect_checked = [time.monotonic()]
+
         async def next_item(poll_disconnect: bool):
+            # every 0.25 s, also while tokens keep coming (a decoding worker never leaves the queue empty that long)
             while True:
+                if poll_disconnect and time.monotonic() - disconnect_checked[0] >= 0.25:
+                    disconnect_checked[0] = time.monotonic()
+                    if await request.is_disconnected():
+                        return None
                 try:
                     return await asyncio.wait_for(active.queue.get(), 0.25 if poll_disconnect else None)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
+                    pass
 
         if not req.stream:
             try:
@@ -397,6 +406,24 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 "usage": usage(),
             }, headers={"X-Phi3v-KV-Reused": "true" if state["kv_reused"] else "false"})
 
+        first: list = []  # a streamed constrained answer: the worker's first item, already read (see below)
+        if req.settings.guidance is not None:
+            # og compiles the constraint when the worker creates its generator, before the prefill: wait for the
+            # worker's first item, so a schema og cannot compile is a 400 here, not an error inside a 200 stream
+            while not first or (first[-1][0] == "event" and isinstance(first[-1][1], Notice)):
+                item = await next_item(poll_disconnect=True)
+                if item is None:  # the client went away
+                    worker.cancel(request_id)
+                    on_end()
+                    return Response(status_code=499)
+                if item[0] == "error":
+                    handle(item)
+                    while item[0] != "end":
+                        item = await next_item(poll_disconnect=False)
+                    on_end()
+                    return _error_response(error_api(state["error"]))
+                first.append(item)
+
         def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None) -> str:
             data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -408,7 +435,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    item = await next_item(poll_disconnect=False)
+                    item = first.pop(0) if first else await next_item(poll_disconnect=False)
                     text = handle(item)
                     if text:
                         yield chunk({"content": text})

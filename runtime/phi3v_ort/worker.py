@@ -10,6 +10,9 @@ conversations, and they talk over a narrow boundary, a `multiprocessing` pipe wi
     worker -> parent   ("ready", info) | ("event", request_id, TokenEvent | Notice | Finished)
                        | ("error", request_id, kind, message, details) | ("end", request_id, summary)
 
+Error kinds: "context" (does not fit), "guidance" (an output constraint og cannot compile: before any prefill),
+"invalid" (another bad request), "internal" (anything else, og's constrained decoder failing mid-answer too).
+
 A worker runs one job at a time; it checks for a cancel between tokens (a cancel during the prefill is honoured as
 soon as og returns). Conversations it answered are kept in the worker (KV reuse across requests), under the id of
 the request that produced them; the parent routes a follow-up to the worker that holds it. A worker that dies
@@ -111,6 +114,7 @@ def _serve_jobs(spec: WorkerSpec, conn) -> None:
 def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending: list) -> None:
     from .conversation import ContextTooLong, Conversation, Turn
     from .generation import Finished, TokenEvent
+    from .guidance import GuidanceError, GuidanceFailed
 
     rid = job.request_id
     cancelled = False
@@ -136,6 +140,8 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
         conv.settings = job.settings
         if spec.prefill_delay_s:
             time.sleep(spec.prefill_delay_s)
+        live_before = conv._live
+        seq_before = live_before.seq_len if live_before is not None else 0
         events = conv.ask(job.question, job.images)
         try:
             for event in events:
@@ -149,6 +155,12 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
                     break
         finally:
             events.close()
+        if cancelled and not summary["prompt_tokens"] and conv._live is not None:
+            # cut (a stop string, a disconnect) before Finished: the prompt is what og's sequence holds besides
+            # this answer, less the kept turns when the turn continued the kept generator (usage stays right)
+            reused = conv._live is live_before
+            summary["prompt_tokens"] = conv._live.seq_len - summary["generated"] - (seq_before if reused else 0)
+            summary["kv_reused"] = reused
         summary["cancelled"] = cancelled
         if not cancelled and job.keep:
             kept[rid] = conv
@@ -157,6 +169,10 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
             summary["kept"] = rid in kept
     except ContextTooLong as exc:
         conn.send(("error", rid, "context", str(exc), {"requested": exc.requested, "allowed": exc.allowed}))
+    except GuidanceError as exc:  # og could not compile the output constraint (before any prefill): the client's
+        conn.send(("error", rid, "guidance", str(exc), {}))
+    except GuidanceFailed as exc:  # og's constrained decoder failed mid-answer: not the client's fault
+        conn.send(("error", rid, "internal", str(exc), {}))
     except Phi3vError as exc:
         conn.send(("error", rid, "invalid", str(exc), {}))
     except Exception as exc:  # noqa: BLE001 - this request fails with a 500; the worker lives on
