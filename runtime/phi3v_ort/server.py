@@ -140,9 +140,9 @@ class Service:
 
     # -- context ---------------------------------------------------------------------------------------------------
 
-    def check_context(self, req: ParsedRequest, history, images, explicit_max: bool) -> int:
+    def check_context(self, req: ParsedRequest, history, images, explicit_max: bool) -> tuple[int, int]:
         """Counts the whole transcript's tokens here (no worker needed); refuses what cannot fit, as OpenAI does,
-        and returns the answer budget."""
+        and returns (the answer budget, the prompt tokens: what usage reports, kept cache or not)."""
         from .conversation import Turn
 
         pipeline = make_pipeline(self.builder, self.processor, req.crops)
@@ -162,7 +162,7 @@ class Service:
                                 f"{requested} tokens ({prompt} in the messages, {wanted} in the completion). Please "
                                 "reduce the length of the messages or completion.", param="messages",
                            code="context_length_exceeded")
-        return min(wanted, context - prompt)
+        return min(wanted, context - prompt), prompt
 
     # -- workers ---------------------------------------------------------------------------------------------------
 
@@ -287,7 +287,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             history = [(t, await service.prepare_images(t.images, pipeline)) for t in req.history]
             images = await service.prepare_images(req.images, pipeline)
             explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
-            budget = service.check_context(req, history, images, explicit)
+            budget, prompt_tokens = service.check_context(req, history, images, explicit)
             key_before = transcript_key(req.system, [(t.question, [r for r, _ in imgs], t.answer)
                                                      for t, imgs in history])
             route = service.routes.get(key_before)
@@ -312,7 +312,10 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                                             headers={"Retry-After": "1"}))
         created = int(time.time())
         stops = StopStringFilter(req.stop)
-        state = {"text": "", "generated": 0, "prompt_tokens": 0, "finish": None, "error": None, "kv_reused": False}
+        # usage.prompt_tokens is the whole conversation, as OpenAI counts it (also when the worker only appended
+        # the new turn to a kept cache, and when a stop string cancelled the answer before its stats came)
+        state = {"text": "", "generated": 0, "prompt_tokens": prompt_tokens, "finish": None, "error": None,
+                 "kv_reused": False}
 
         def on_end() -> None:
             service.active.pop(request_id, None)
@@ -338,7 +341,6 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                         worker.cancel(request_id)
                     return delta
                 if isinstance(event, Finished):
-                    state["prompt_tokens"] = event.stats.prompt_tokens
                     state["kv_reused"] = event.stats.kv_reused
                     if not stops.stopped:
                         state["finish"] = event.stats.finish_reason
@@ -347,10 +349,6 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                         return tail
             elif kind == "error":
                 state["error"] = item[1:]
-            elif kind == "end":
-                summary = item[1]
-                if not state["prompt_tokens"]:
-                    state["prompt_tokens"] = summary.get("prompt_tokens", 0)
             return None
 
         def error_api(error) -> ApiError:
