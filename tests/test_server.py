@@ -114,14 +114,14 @@ def test_follow_up_reuses_the_kept_generator(server, png):
     answer = r1.json()["choices"][0]["message"]["content"]
     follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the author?"}]
     r2 = httpx.post(server[0] + "/v1/chat/completions", json={"messages": follow, "max_tokens": 6}, timeout=60)
-    assert r2.headers["x-phi3v-kv-reused"] == "true"
-    assert r2.json()["usage"]["prompt_tokens"] < 30  # only the new turn was prefilled
+    assert r2.headers["x-phi3v-kv-reused"] == "true"  # only the new turn was prefilled (the worker's own count:
+    # tests/test_server_workers.py); usage counts the whole conversation, as OpenAI does
     # The same request again finds no kept generator (r2 took it and now holds the longer transcript): a full
     # re-prefill. It re-tokenizes the answer text, so on random weights its answer may differ from r2's, which
     # continued on the exact generated ids (tests/test_conversation.py proves those equal a fresh prefill).
     r3 = httpx.post(server[0] + "/v1/chat/completions", json={"messages": follow, "max_tokens": 6}, timeout=60)
     assert r3.headers["x-phi3v-kv-reused"] == "false"
-    assert r3.json()["usage"]["prompt_tokens"] > 1921
+    assert r3.json()["usage"]["prompt_tokens"] == r2.json()["usage"]["prompt_tokens"] > 1921
 
 
 def test_disconnect_mid_stream_frees_the_generation(server):

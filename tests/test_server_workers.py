@@ -103,7 +103,8 @@ class Server:
         """The workers' end-of-request summaries, in order."""
         if not self.log.exists():
             return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        lines = self.log.read_text().splitlines(keepends=True)
+        return [json.loads(line) for line in lines if line.endswith("\n")]  # not a line still being written
 
     def end_of(self, request_id: str | None = None, after: int = 0, timeout: float = 2.0) -> dict:
         """The summary of `request_id` (or the first one after the `after` first), waiting for it."""
@@ -422,8 +423,10 @@ def test_context_length_exceeded(srv):
 
 def test_stop_string_spanning_two_tokens(srv):
     body = {"messages": text_message("Say something."), "max_tokens": 12}
-    with srv.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        deltas = deltas_of(sse_data(r.iter_lines()))
+    with srv.http.stream("POST", "/v1/chat/completions",
+                         json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        payloads = sse_data(r.iter_lines())
+    deltas, prompt_tokens = deltas_of(payloads), json.loads(payloads[-2])["usage"]["prompt_tokens"]
     text = "".join(deltas)
     assert text == srv.chat(**body).json()["choices"][0]["message"]["content"]  # greedy: the same answer
     stop, cut = None, None
@@ -437,18 +440,29 @@ def test_stop_string_spanning_two_tokens(srv):
                 break
     assert stop is not None, f"no stop string across a token boundary in {deltas}"
     expected = text[:cut]
+    # a long budget: the stop cancels the generation in the worker long before its end (and before its Finished
+    # event, which is where the worker otherwise learns the prompt's size): usage must still be right
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": i + 2, "total_tokens": prompt_tokens + i + 2}
+    cut_body = {**body, "max_tokens": 2000}
+    ends_before = len(srv.ends())
 
-    r = srv.chat(**body, stop=[stop]).json()
+    r = srv.chat(**cut_body, stop=[stop]).json()
     assert r["choices"][0]["message"]["content"] == expected
     assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"] == usage
 
-    with srv.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "stop": stop}) as s:
+    with srv.http.stream("POST", "/v1/chat/completions",
+                         json={**cut_body, "stream": True, "stop": stop,
+                               "stream_options": {"include_usage": True}}) as s:
         payloads = sse_data(s.iter_lines())
     got = deltas_of(payloads)
     # exactly the text before the stop: its first half, which came as the end of a token of its own, was held
     # back and never sent (sending it would have made the joined text longer than `expected`)
     assert "".join(got) == expected, (deltas, got, stop)
     assert finish_of(payloads) == "stop" and payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["usage"] == usage
+    for end in srv.ends()[ends_before:]:  # both stopped in the worker, not run to 2000 tokens
+        assert end["cancelled"] and end["generated"] < 2000, end
 
 
 # -- 7. a follow-up goes to the worker that keeps its conversation -----------------------------------------------
@@ -476,8 +490,9 @@ def test_follow_up_is_routed_to_the_worker_that_keeps_it(srv, png):
     r2 = srv.chat(follow, max_tokens=6)
     assert r2.status_code == 200
     assert r2.headers["x-phi3v-kv-reused"] == "true"
-    assert r2.json()["usage"]["prompt_tokens"] < 30  # only the new turn was prefilled
-    assert srv.end_of(r2.json()["id"])["worker"] == a1["worker"]
+    a2 = srv.end_of(r2.json()["id"])
+    assert a2["worker"] == a1["worker"] and a2["kv_reused"]
+    assert a2["prompt_tokens"] < 30 < a1["prompt_tokens"]  # the worker prefilled only the new turn
 
 
 # -- 8. --threads reaches the onnxruntime sessions -----------------------------------------------------------------
