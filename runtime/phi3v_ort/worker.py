@@ -129,6 +129,8 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
                 pending.append(message)
         return cancelled
 
+    # prompt_tokens / kv_reused come with the Finished event (a cancelled answer has none: the server counts the
+    # prompt itself, in its own process)
     summary = {"prompt_tokens": 0, "generated": 0, "kv_reused": False, "kept": False, "cancelled": False}
     try:
         conv = kept.pop(job.resume, None) if job.resume else None
@@ -140,8 +142,6 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
         conv.settings = job.settings
         if spec.prefill_delay_s:
             time.sleep(spec.prefill_delay_s)
-        live_before = conv._live
-        seq_before = live_before.seq_len if live_before is not None else 0
         events = conv.ask(job.question, job.images)
         try:
             for event in events:
@@ -155,12 +155,6 @@ def _run_job(model, spec: WorkerSpec, job: Job, conn, kept: OrderedDict, pending
                     break
         finally:
             events.close()
-        if cancelled and not summary["prompt_tokens"] and conv._live is not None:
-            # cut (a stop string, a disconnect) before Finished: the prompt is what og's sequence holds besides
-            # this answer, less the kept turns when the turn continued the kept generator (usage stays right)
-            reused = conv._live is live_before
-            summary["prompt_tokens"] = conv._live.seq_len - summary["generated"] - (seq_before if reused else 0)
-            summary["kv_reused"] = reused
         summary["cancelled"] = cancelled
         if not cancelled and job.keep:
             kept[rid] = conv
