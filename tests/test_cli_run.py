@@ -283,7 +283,7 @@ def test_ctrl_c_during_the_prefill_ends_run_at_once(tiny_dir, monkeypatch):
     from phi3v_ort import generation
 
     seen = []
-    real_stream = generation.stream
+    real_stream = generation.stream_prepared  # what run calls once the inputs are prepared (the phase line's step)
 
     def watching_stream(*args, **kwargs):
         seen.append(signal.getsignal(signal.SIGINT))  # before the prefill starts
@@ -291,7 +291,7 @@ def test_ctrl_c_during_the_prefill_ends_run_at_once(tiny_dir, monkeypatch):
             seen.append(signal.getsignal(signal.SIGINT))
             yield event
 
-    monkeypatch.setattr(generation, "stream", watching_stream)
+    monkeypatch.setattr(generation, "stream_prepared", watching_stream)
     result = run_cli("--model-dir", tiny_dir, "--max-new-tokens", 3, "hello")
     assert result.exit_code == 0, result.stderr
     assert seen[0] is signal.SIG_DFL  # the prefill: Ctrl-C ends the process

@@ -41,25 +41,9 @@ def _rss(pid: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "serve", "--model-dir", str(tiny_dir), "--port",
-                             str(port), "--workers", "2", "--max-queue", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the server did not start: " + proc.stderr.read().decode()[-2000:])
-    yield url, proc
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(served):
+    """`phi3v-ort serve --workers 2 --max-queue 8` on the fixture, shared with other modules (conftest.py)."""
+    return served.url, served.proc
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,6 @@ CLI (run, chat, batch), conversations and the server with the official openai cl
 
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -264,36 +260,10 @@ def test_response_format_is_parsed_into_the_settings():
         assert (info.value.status, info.value.param) == (400, param), info.value.message
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    pytest.importorskip("starlette", reason="the server needs the serve extra")
-    try:
-        import httpx2 as httpx  # the maintained successor the openai client itself uses (as tests/test_server.py)
-    except ImportError:
-        httpx = pytest.importorskip("httpx", reason="the server tests use httpx")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "serve", "--model-dir", str(tiny_dir), "--port",
-                             str(port), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the server did not start: " + proc.stderr.read().decode()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(served):
+    """The shared `phi3v-ort serve` on the fixture (conftest.py)."""
+    return served.url
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """Build tier: regenerate synthetic packages with scripts/make_synthetic_model.py and check them.
 
+The packages come from the `synthetic` fixture (conftest.py): each is built once per test run by the script
+(exit 0, stdout the package folder) and shared with tests/test_torch_parity.py.
 Skipped with a reason when the build extra (torch, transformers, onnx, ...) is not installed.
 """
 
@@ -22,15 +24,6 @@ pytestmark = [needs_build, pytest.mark.build]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(out: Path, *args: str) -> Path:
-    cmd = [sys.executable, str(ROOT / "scripts" / "make_synthetic_model.py"), "--preset", "tiny", "--out", str(out),
-           *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == str(out.resolve())
-    return out
-
-
 def _cpu_model(path: Path):
     config = og.Config(str(path))
     config.clear_providers()
@@ -38,10 +31,11 @@ def _cpu_model(path: Path):
 
 
 @pytest.fixture(scope="module")
-def rebuilt(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("build") / "tiny")
+def rebuilt(synthetic):
+    return synthetic.get("tiny-int4-cpu")
 
 
+@pytest.mark.synthetic("tiny-int4-cpu")
 def test_regenerated_fixture_matches_the_committed_one(rebuilt, tiny_dir, tiny_model, png):
     for name in contract.SIDE_FILES:
         assert (rebuilt / name).read_text() == (tiny_dir / name).read_text(), name
@@ -50,7 +44,7 @@ def test_regenerated_fixture_matches_the_committed_one(rebuilt, tiny_dir, tiny_m
     expected = bare_generate(tiny_model, _prompt(1, "Describe the chart."), image)[1]
     assert bare_generate(_cpu_model(rebuilt), _prompt(1, "Describe the chart."), image)[1] == expected, \
         "the committed fixture is stale: rebuild it with scripts/make_synthetic_model.py --preset tiny"
-    ckpt = rebuilt.with_name("tiny.checkpoint")
+    ckpt = rebuilt.with_name(rebuilt.name + ".checkpoint")
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "phi3_v" and (ckpt / "model.safetensors").stat().st_size > 0
 
@@ -115,8 +109,9 @@ def test_embedding_places_image_features_at_negative_ids(tiny_dir):
     assert not np.allclose(text_only[0, 1], text_only[0, 2])
 
 
-def test_cuda_package_builds_without_gpu_and_loads_on_cpu(tmp_path, png):
-    out = _build(tmp_path / "tiny-cuda", "--provider", "cuda")
+@pytest.mark.synthetic("tiny-int4-cuda")
+def test_cuda_package_builds_without_gpu_and_loads_on_cpu(synthetic, png):
+    out = synthetic.get("tiny-int4-cuda")
     cfg = json.loads((out / "genai_config.json").read_text())
     assert "cuda" in cfg["model"]["decoder"]["session_options"]["provider_options"][0]
     sess = ort.InferenceSession(str(out / contract.PHI3_FILE_NAMES.vision), providers=["CPUExecutionProvider"])
@@ -128,8 +123,9 @@ def test_cuda_package_builds_without_gpu_and_loads_on_cpu(tmp_path, png):
     assert len(tokens) >= 1
 
 
-def test_phi35_names_and_fp32(tmp_path, png):
-    out = _build(tmp_path / "tiny-35", "--names", "phi-3.5", "--precision", "fp32")
+@pytest.mark.synthetic("tiny-fp32-cpu-phi35")
+def test_phi35_names_and_fp32(synthetic, png):
+    out = synthetic.get("tiny-fp32-cpu-phi35")
     names = contract.PHI35_FILE_NAMES
     for f in (names.vision, names.embedding, names.decoder):
         assert (out / f).exists() and (out / (f + ".data")).exists()

@@ -1,8 +1,8 @@
 """Build tier: the ONNX package (onnxruntime-genai) and the transformers reference (torch_reference) agree.
 
-One fp32 tiny package + checkpoint is built per module; both engines get the very same tensors from og's
+One fp32 tiny package + checkpoint is built per test run (conftest.py's `synthetic`); both engines get the very same tensors from og's
 multimodal processor (PNG images, so no decoder rounding enters) and must give the same greedy tokens and close
-logits: text-only, one image (1936 prompt tokens: LongRoPE's short factors), two images (4315 prompt tokens,
+logits: text-only, one image (1938 prompt tokens: LongRoPE's short factors), two images (4318 prompt tokens,
 past the original 4096 context: the long factors and og's If-selected long rotary cache), and one image with a
 long question (4090 prompt tokens) whose decode crosses 4096 on the 7th new token, where both engines must switch
 from the short to the long rotary factors at the same step (keeping the cached keys as they were rotated).
@@ -21,17 +21,18 @@ import pytest
 
 from .conftest import needs_build
 
-pytestmark = [needs_build, pytest.mark.build]
+pytestmark = [needs_build, pytest.mark.build, pytest.mark.synthetic("tiny-fp32-cpu")]
 
 NEW_TOKENS = 16
 QUESTION = "Describe the image."
 IMAGES = ((640, 400, 1), (300, 700, 2))  # (width, height, seed): 1921 and 2377 image tokens
-# name: (images, question, prompt tokens). " word" is 2 tokens in the synthetic tokenizer: 1936 + 2 * 1077 = 4090.
+# name: (images, question, prompt tokens), with the reference processor's BOS before each text chunk (the runtime's
+# input pipeline). " word" is 2 tokens in the synthetic tokenizer: 1938 + 2 * 1076 = 4090.
 CASES = {
-    "text": (0, QUESTION, 13),
-    "one-image": (1, QUESTION, 1936),
-    "two-images": (2, QUESTION, 4315),
-    "crossing-4096": (1, QUESTION + " word" * 1077, 4090),
+    "text": (0, QUESTION, 14),
+    "one-image": (1, QUESTION, 1938),
+    "two-images": (2, QUESTION, 4318),
+    "crossing-4096": (1, QUESTION + " word" * 1076, 4090),
 }
 
 # Logit tolerance, relative to the largest |logit| the reference picked a token from (~0.55 on random weights).
@@ -48,12 +49,8 @@ LOGIT_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from phi3v_ort.synthetic.package import BuildOptions, build_package
-
-    out = tmp_path_factory.mktemp("parity") / "tiny-fp32"
-    build_package(out, BuildOptions(preset="tiny", precision="fp32", provider="cpu"))
-    return out
+def built(synthetic):
+    return synthetic.get("tiny-fp32-cpu")  # built once per run by scripts/make_synthetic_model.py (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +100,10 @@ def og_steps(model, inputs, prompt_len, max_new_tokens):
 
 
 def _torch_inputs(prepared):
-    ids = prepared.inputs["input_ids"].as_numpy()
+    ids = prepared.input_ids.astype(np.int64)  # the very arrays og gets (ModelInputs.to_og)
     if not prepared.image_tokens:
         return ids, None, None
-    return ids, prepared.inputs["pixel_values"].as_numpy(), prepared.inputs["image_sizes"].as_numpy()
+    return ids, prepared.pixel_values, prepared.image_sizes
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 256) -> float:
@@ -134,7 +131,7 @@ def test_onnx_package_matches_the_torch_reference(runtime_model, reference, resu
     finished = generate(runtime_model, question, images, GenerationSettings(max_new_tokens=NEW_TOKENS))
     prepared = prepare(runtime_model, question, images)
     assert prepared.prompt_tokens == prompt_tokens
-    og_tokens, og_prefill, og_step_logits = og_steps(runtime_model.og_model, prepared.inputs,
+    og_tokens, og_prefill, og_step_logits = og_steps(runtime_model.og_model, prepared.to_og(),
                                                      prepared.prompt_tokens, NEW_TOKENS)
 
     ids, pixel_values, image_sizes = _torch_inputs(prepared)

@@ -344,6 +344,7 @@ class Progress:
     todo: int = 0  # lines this run writes
     tokens: int = 0
     started: float = 0.0
+    unanswered: int = 0  # items this run wrote no line for (--ray: blocks Ray gave up on); the next run does them
 
 
 def _prepare(pipeline, item: Item) -> list:
@@ -351,23 +352,32 @@ def _prepare(pipeline, item: Item) -> list:
     return [pipeline.prepare_image(load_image(src)) for src in item.images]
 
 
-def run_batch(pool, pipeline, items: list[Item], output: Path, settings: GenerationSettings,
-              prepare_threads: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
-              retry_errors: bool = True) -> Progress:
-    """Answer every item not yet answered in `output` with the started worker.WorkerPool `pool`, appending one
-    JSON line per item; `pipeline` (inputs.make_pipeline) prepares the images here.
+@dataclass
+class Plan:
+    """What a run does with an output it resumes (the same rules for the local batch and --ray)."""
 
-    `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
-    lines dropped first) unless `retry_errors` is False."""
-    output = Path(output)
-    with_id = [b for b in bad if b.id is not None]
-    ids = [it.id for it in items] + [b.id for b in with_id]
+    state: OutputState
+    todo: list[Item]  # items to answer
+    todo_bad: list[BadLine]  # bad input lines with an id, to write as error lines
+    retry: set[str]  # ids whose earlier error lines are dropped before the run
+    progress: Progress
+
+
+def _ids(items: Sequence[Item], bad: Sequence[BadLine]) -> list[str]:
+    ids = [it.id for it in items] + [b.id for b in bad if b.id is not None]
     if len(set(ids)) != len(ids):
         repeated = next(i for i in ids if ids.count(i) > 1)
         raise Phi3vError(f"the batch items repeat the id {repeated!r}")
-    state = check_output(output, ids=ids, retry_errors=retry_errors)
+    return ids
+
+
+def plan_run(items: Sequence[Item], state: OutputState, bad: Sequence[BadLine] = (),
+             retry_errors: bool = True) -> Plan:
+    """The resume rules: ids whose last line is an answer are skipped; ids whose last line is an error run again
+    (unless `retry_errors` is False); every other id runs. `state`: what the output holds (check_output)."""
+    with_id = [b for b in bad if b.id is not None]
+    wanted = set(_ids(items, bad))
     last = state.last_is_error()
-    wanted = set(ids)
     failed_before = {i for i in wanted if last.get(i) is True}
     retry = failed_before if retry_errors else set()
 
@@ -379,17 +389,38 @@ def run_batch(pool, pipeline, items: list[Item], output: Path, settings: Generat
     progress = Progress(skipped=sum(1 for i in wanted if last.get(i) is False), retried=len(retry),
                         kept_failed=len(failed_before) - len(retry), todo=len(todo) + len(todo_bad),
                         started=time.perf_counter())
+    return Plan(state, todo, todo_bad, retry, progress)
+
+
+def open_output(output: Path, plan: Plan):
+    """The output opened for appending, after dropping the retried ids' old lines (crash-safely) or cutting off a
+    truncated last line."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if retry:
-            _rewrite(output, (line for i, _, line in state.lines if i not in retry))
-        elif state.partial:
+        if plan.retry:
+            _rewrite(output, (line for i, _, line in plan.state.lines if i not in plan.retry))
+        elif plan.state.partial:
             with output.open("r+b") as f:
-                f.truncate(state.complete_bytes)
+                f.truncate(plan.state.complete_bytes)
                 os.fsync(f.fileno())
-        out = output.open("a", encoding="utf-8")
+        return output.open("a", encoding="utf-8")
     except OSError as exc:
         raise Phi3vError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+
+
+def run_batch(pool, pipeline, items: list[Item], output: Path, settings: GenerationSettings,
+              prepare_threads: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
+              retry_errors: bool = True) -> Progress:
+    """Answer every item not yet answered in `output` with the started worker.WorkerPool `pool`, appending one
+    JSON line per item; `pipeline` (inputs.make_pipeline) prepares the images here.
+
+    `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
+    lines dropped first) unless `retry_errors` is False."""
+    output = Path(output)
+    plan = plan_run(items, check_output(output, ids=_ids(items, bad), retry_errors=retry_errors), bad,
+                    retry_errors)
+    todo, todo_bad, progress = plan.todo, plan.todo_bad, plan.progress
+    out = open_output(output, plan)
     generators = len(pool.workers)
     with out, ThreadPoolExecutor(max(1, prepare_threads), thread_name_prefix="prepare") as preparing, \
             ThreadPoolExecutor(generators, thread_name_prefix="generate") as generating:
@@ -458,8 +489,18 @@ def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSe
     except GuidanceError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bad item never stops the run; Ctrl-C (not an Exception) does
-        message = str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
-        return {**base, "error": message}
+        return {**base, "error": error_message(exc)}
+    return finished_row(base, finished, settings)
+
+
+def error_message(exc: Exception) -> str:
+    """An item's `error` text for an exception."""
+    return str(exc) if isinstance(exc, Phi3vError) else f"{type(exc).__name__}: {str(exc).strip()}"
+
+
+def finished_row(base: dict, finished: Finished, settings: GenerationSettings) -> dict:
+    """An answered item's result line (`base`: its id, images and question), or its error line when the answer
+    was cut before its output constraint was complete."""
     result = outcome(settings.guidance, finished.text, finished.stats.finish_reason, finished.stats.generated_tokens)
     if not result.complete:  # an error line (retried by the next run, e.g. with a larger --max-new-tokens)
         return {**base, "error": result.problem, "partial_answer": finished.text, "stats": finished.stats.to_dict()}

@@ -27,6 +27,7 @@ from .errors import Phi3vError
 from .generation import Finished, Notice
 from .guidance import outcome
 from .images import ImageInput, load_image
+from .phase import Phase, reading
 
 HELP = """Commands:
   /image PATH   attach an image (path, URL) to your next question (repeatable)
@@ -88,24 +89,35 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _prepare(conversation: Conversation, image: ImageInput):
+def _prepare(conversation: Conversation, image: ImageInput, phase: Phase | None = None):
     """Check an image the way the model will take it, now rather than at the next question."""
+    if phase is not None:
+        phase.show("preparing image")
     try:
         return conversation.prepare_image(image)
     except Phi3vError:
         raise
     except Exception as exc:
         raise Phi3vError(f"the model cannot take image {image.source}: {_one_line(exc)}") from None
+    finally:
+        if phase is not None:
+            phase.clear()
 
 
-def _ask(conversation: Conversation, question: str, attached: list, out: TextIO, err: TextIO) -> list:
+def _ask(conversation: Conversation, question: str, attached: list, out: TextIO, err: TextIO,
+         phase: Phase | None = None) -> list:
     """One turn; returns the images attached for the next question. Once the turn has started (a token came or
-    the conversation recorded it) its images belong to it; a turn that never started leaves them attached."""
+    the conversation recorded it) its images belong to it; a turn that never started leaves them attached.
+    `phase`: a phase line (stderr on a terminal) until the first event; og holds the GIL through the prefill, so
+    it is a static line, not an animation."""
     last = conversation.turns[-1] if conversation.turns else None
     generated = False
+    phase = phase or Phase(err, enabled=False)
     try:
+        phase.show(reading([conversation.pipeline.image_tokens(p) for p in attached]))
         with closing(conversation.ask(question, attached)) as events:
             for event in events:
+                phase.clear()  # the first event ends the wait (a notice, or the answer's first token)
                 if isinstance(event, Notice):
                     err.write(f"[{event.message}]\n")
                 else:
@@ -122,6 +134,8 @@ def _ask(conversation: Conversation, question: str, attached: list, out: TextIO,
         error = None
     except Exception as exc:  # one line, never a traceback that ends the chat
         error = _one_line(exc)
+    finally:
+        phase.clear()
     if generated or (conversation.turns and conversation.turns[-1] is not last):
         out.write("\n")
         out.flush()
@@ -135,7 +149,8 @@ def _ask(conversation: Conversation, question: str, attached: list, out: TextIO,
     return attached
 
 
-def _command(conversation: Conversation, line: str, attached: list, err: TextIO, format_stats) -> bool:
+def _command(conversation: Conversation, line: str, attached: list, err: TextIO, format_stats,
+             phase: Phase | None = None) -> bool:
     """A slash command (it may change `attached` in place); returns False to leave the chat."""
     command, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -146,7 +161,7 @@ def _command(conversation: Conversation, line: str, attached: list, err: TextIO,
     elif command == "/image":
         if not arg:
             raise Phi3vError("/image needs a path or URL")
-        attached.append(_prepare(conversation, load_image(arg)))
+        attached.append(_prepare(conversation, load_image(arg), phase))
         err.write(f"attached {arg} ({len(attached)} image(s) for the next question)\n")
     elif command == "/detach":
         err.write(f"detached {len(attached)} image(s)\n")
@@ -187,9 +202,10 @@ def _format(arg: str):
 
 
 def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO, out: TextIO, err: TextIO,
-             interactive: bool, format_stats) -> int:
-    """The loop; returns the exit code. `images` (the `-i` ones) are prepared first: a bad one raises Phi3vError."""
-    attached = [_prepare(conversation, image) for image in images]
+             interactive: bool, format_stats, phase: Phase | None = None) -> int:
+    """The loop; returns the exit code. `images` (the `-i` ones) are prepared first: a bad one raises Phi3vError.
+    `phase`: the phase line on stderr (phase.Phase: shown only on a terminal); None shows nothing."""
+    attached = [_prepare(conversation, image, phase) for image in images]
     if interactive:
         _setup_readline()
         err.write("Chat with Phi-3-vision. /help for commands, Ctrl-D to leave.\n")
@@ -211,10 +227,10 @@ def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO
         if not line:
             continue
         if not line.startswith("/"):
-            attached = _ask(conversation, line, attached, out, err)
+            attached = _ask(conversation, line, attached, out, err, phase)
             continue
         try:
-            if not _command(conversation, line, attached, err, format_stats):
+            if not _command(conversation, line, attached, err, format_stats, phase):
                 break
         except KeyboardInterrupt:
             err.write("\n[command cancelled]\n")

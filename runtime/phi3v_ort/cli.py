@@ -16,9 +16,22 @@ from . import __version__
 from .errors import Phi3vError
 
 
+class Phi3vCommand(click.Command):
+    """A command that turns an expected failure into `Error: <one sentence>` on its own too (scripts/fetch_model.py
+    runs `fetch` outside the group, under the script's name)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Phi3vError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 class Phi3vGroup(click.Group):
     """Turns every expected failure into `Error: <one sentence>` and a non-zero exit, never a traceback; a bad
     option value too (click would print the usage block around it)."""
+
+    command_class = Phi3vCommand
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,7 +47,20 @@ class Phi3vGroup(click.Group):
 @click.group(cls=Phi3vGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="phi3v-ort")
 def cli() -> None:
-    """Run Phi-3-vision locally on ONNX Runtime GenAI."""
+    """Run Phi-3-vision locally on ONNX Runtime GenAI: ask about images, chat, batch, serve.
+
+    Without --model-dir or -m, commands use $PHI3V_ORT_MODEL or phi-3-vision, fetched from the Hugging Face hub on
+    first use (the GPU int4 build with an NVIDIA GPU, the CPU int4 build otherwise; `phi3v-ort models` shows what
+    is on disk).
+
+    \b
+    Examples:
+      phi3v-ort run -i chart.png "Could you please introduce this stock to me?"
+      phi3v-ort chat -i cover.jpg
+      phi3v-ort serve --port 8000        # then open http://127.0.0.1:8000/
+      phi3v-ort COMMAND --help           # a command's options and examples
+    Shell completion (bash): eval "$(_PHI3V_ORT_COMPLETE=bash_source phi3v-ort)"
+    """
 
 
 def model_options(f: Callable) -> Callable:
@@ -48,14 +74,23 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-def open_model(model: str | None, model_dir: str | None, device: str, policy=None, threads: int | None = None):
-    """The one way the commands get a loaded model."""
+def open_model(model: str | None, model_dir: str | None, device: str, policy=None, threads: int | None = None,
+               phase=None):
+    """The one way the commands get a loaded model (`phase`: a phase.Phase told when loading starts)."""
     from .fetch import resolve_model_dir
     from .kv_cache import KVCachePolicy
     from .loading import load_model
 
-    return load_model(resolve_model_dir(model, model_dir, device), device=device, policy=policy or KVCachePolicy(),
-                      threads=threads)
+    folder = resolve_model_dir(model, model_dir, device)  # may fetch, with the hub client's own progress
+    if phase is not None:
+        phase.show("loading the model")
+    return load_model(folder, device=device, policy=policy or KVCachePolicy(), threads=threads)
+
+
+def note_cuda_graph(cuda_graph: bool, device: str) -> None:
+    """--cuda-graph applies to CUDA only: on the CPU it is ignored, and said so."""
+    if cuda_graph and device != "cuda":
+        click.echo(f"Note: --cuda-graph is ignored: the model runs on the {device.upper()}.", err=True)
 
 
 def start_workers(model: str | None, model_dir: str | None, device: str, workers: int, threads: int | None,
@@ -97,12 +132,15 @@ def threads_option(f: Callable) -> Callable:
 
 def sampling_options(f: Callable) -> Callable:
     for decorator in reversed([
-        click.option("--max-new-tokens", type=int, default=512, show_default=True),
+        click.option("--max-new-tokens", type=int, default=512, show_default=True, metavar="N",
+                     help="The most tokens the answer may have (it also ends at the end token or the context)."),
         click.option("--temperature", type=float, default=None,
                      help="Sample with this temperature (greedy if no sampling option is given)."),
-        click.option("--top-p", type=float, default=None),
-        click.option("--top-k", type=int, default=None),
-        click.option("--seed", type=int, default=None, help="Seed of the sampler."),
+        click.option("--top-p", type=float, default=None, metavar="P",
+                     help="Sample from the smallest set of likeliest tokens whose probabilities add up to P "
+                     "(0 < P <= 1)."),
+        click.option("--top-k", type=int, default=None, metavar="K", help="Sample from the K likeliest tokens."),
+        click.option("--seed", type=int, default=None, help="Seed of the sampler (0 to 2^31-1)."),
     ]):
         f = decorator(f)
     return f
@@ -135,7 +173,7 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
                               **sampling)
 
 
-@cli.command()
+@cli.command(short_help="Ask a question about images; the answer streams to stdout.")
 @click.argument("question")
 @click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
               help="An image to ask about (repeatable; '-' reads stdin).")
@@ -145,10 +183,11 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
 @input_options
 @threads_option
 @click.option("--no-share-buffer", is_flag=True, help="Let the KV cache grow per token instead of one static buffer.")
-@click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only).")
+@click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only; ignored, and said "
+              "so, on the CPU).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of "
-              "streaming.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming: text, token_ids, "
+              "prompt_tokens, num_image_tokens, finish_reason (parsed with a constraint), stats.")
 @guidance_options
 def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
         max_new_tokens: int,
@@ -156,11 +195,24 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         crops: int | None, processor: str, threads: int | None, no_share_buffer: bool, cuda_graph: bool,
         show_stats: bool, as_json: bool, json_schema: str | None, json_object: bool, regex: str | None,
         grammar: str | None) -> None:
-    """Ask QUESTION about zero or more images; the answer streams to stdout."""
+    """Ask QUESTION about zero or more images; the answer streams to stdout.
+
+    On a terminal, a phase line on stderr says what is happening until the answer starts (preparing image, reading
+    image (N tokens)); nothing of it when stderr is not a terminal.
+
+    \b
+    Examples:
+      phi3v-ort run -i chart.png "Could you please introduce this stock to me?"
+      phi3v-ort run -i a.jpg -i b.jpg "What is difference in this two images?"
+      phi3v-ort run -i https://example.com/cover.jpg --stats "Who wrote this book?"
+      cat photo.png | phi3v-ort run -i - --json "Describe the image."
+      phi3v-ort run --model-dir tests/fixtures/tiny-int4-cpu -i tests/data/chart.png --max-new-tokens 32 "Hi"
+    """
     from . import guidance
-    from .generation import Finished, stream
+    from .generation import Finished, prepare as prepare_inputs, stream_prepared
     from .images import load_image
     from .kv_cache import KVCachePolicy
+    from .phase import Phase, preparing, reading
 
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
                              guidance.from_cli(json_schema, json_object, regex, grammar))
@@ -168,14 +220,26 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
     loaded_images = [load_image(src) for src in images]
-    loaded = open_model(model, model_dir, device, policy, threads)
+    phase = Phase(sys.stderr)  # only when stderr is a terminal
+    try:
+        loaded = open_model(model, model_dir, device, policy, threads, phase=phase)
+        if cuda_graph and loaded.device != "cuda":
+            phase.clear()
+            note_cuda_graph(cuda_graph, loaded.device)
+    except BaseException:
+        phase.clear()
+        raise
 
     out = sys.stdout
     finished = None
     try:
         with prefill_interruptible():
-            events = stream(loaded, question, loaded_images, settings, system, processor, crops)
-            first = next(events)  # the prefill: og holds the GIL until it returns
+            phase.show(preparing(len(loaded_images)))
+            prepared = prepare_inputs(loaded, question, loaded_images, system, processor, crops)
+            phase.show(reading(prepared.image_tokens, prepared.prompt_tokens))
+            events = stream_prepared(loaded, prepared, settings)
+            first = next(events)  # the prefill: og holds the GIL until it returns (so the phase line is static)
+        phase.clear()  # the first token is here: the answer replaces the phase line
         for event in itertools.chain([first], events):
             if isinstance(event, Finished):
                 finished = event
@@ -183,16 +247,23 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
                 out.write(event.text)
                 out.flush()
     except KeyboardInterrupt:
+        phase.clear()
         if not as_json:
             out.write("\n")
             out.flush()
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    finally:
+        phase.clear()
 
     assert finished is not None
     result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
                               finished.stats.generated_tokens)
     if as_json:
+        # one name per fact: the counts and the finish reason at the top level (as `prepare --json` names them),
+        # timings and memory in stats
+        stats = {k: v for k, v in finished.stats.to_dict().items()
+                 if k not in ("prompt_tokens", "image_tokens", "finish_reason")}
         click.echo(json.dumps({
             "text": finished.text,
             "token_ids": list(finished.token_ids),
@@ -200,7 +271,7 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
             "num_image_tokens": list(finished.stats.image_tokens),
             "finish_reason": finished.stats.finish_reason,
             **({"parsed": result.parsed} if result.has_parsed else {}),
-            "stats": finished.stats.to_dict(),
+            "stats": stats,
         }, ensure_ascii=False))
     else:
         out.write("\n")
@@ -211,7 +282,7 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         raise Phi3vError(result.problem)
 
 
-@cli.command()
+@cli.command(short_help="Show the prompt and token counts the model would get.")
 @click.argument("question")
 @click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
               help="An image (repeatable; '-' reads stdin).")
@@ -224,7 +295,17 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
               help="Write pixel_values as a .npy file.")
 def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
             system: str | None, crops: int | None, processor: str, as_json: bool, save_pixels: str | None) -> None:
-    """Show what the model will see for QUESTION and the images, without generating (count an image's cost)."""
+    """Show what the model will see for QUESTION and the images, without generating.
+
+    Counts an image's cost (prompt and image tokens) before a long job; needs only the package's files (with the
+    default --processor own).
+
+    \b
+    Examples:
+      phi3v-ort prepare -i chart.png "Could you please introduce this stock to me?"
+      phi3v-ort prepare -i chart.png --crops 4 --json "Describe the chart."
+      phi3v-ort prepare -i chart.png --save-pixels pixels.npy "Describe the chart."
+    """
     from .fetch import resolve_model_dir
     from .generation import prepare as prepare_inputs
     from .images import load_image
@@ -320,17 +401,26 @@ def format_stats(stats) -> str:
                                         if stats.reprefill_reason else []))
 
 
-@cli.command()
+@cli.command(short_help="What a model package is and how it loads here (never downloads).")
 @model_options
 @threads_option
 def info(model: str | None, model_dir: str | None, device: str, threads: int | None) -> None:
-    """What a package is and how it loads here, with package versions and whether a GPU was found."""
+    """What a package is and how it loads here, with versions and whether a GPU was found.
+
+    A diagnostic: it never downloads. A catalog model that is not on disk is reported with what `run` or `fetch`
+    would download, and where to.
+
+    \b
+    Examples:
+      phi3v-ort info --model-dir tests/fixtures/tiny-int4-cpu
+      phi3v-ort info                       # the default model: on disk, or what would be fetched
+      phi3v-ort info -m phi-3.5-vision:cpu-int4
+    """
     from importlib import metadata
 
-    from .device import gpu_count
+    from .device import gpu_count, resolve_device
+    from .fetch import hub_cache, locate, model_target
 
-    model = open_model(model, model_dir, device, threads=threads)
-    i = model.info
     versions = []
     for dist in ("phi3v-ort", "onnxruntime-genai-cuda", "onnxruntime-gpu", "numpy", "pillow", "click",
                  "huggingface-hub"):
@@ -339,6 +429,27 @@ def info(model: str | None, model_dir: str | None, device: str, threads: int | N
         except metadata.PackageNotFoundError:
             versions.append(f"{dist} (not installed)")
     gpus = gpu_count()
+    tail = [f"GPU              {f'{gpus} NVIDIA GPU(s) found' if gpus else 'none found'}",
+            f"versions         {', '.join(versions)}"]
+    target = model_target(model, model_dir, device)
+    folder = target if isinstance(target, Path) else None
+    if folder is None:
+        local = locate(target)
+        if local.complete and local.path is not None:
+            folder = local.path
+        else:
+            state = (f"on disk but not usable ({local.problem}): {local.path}" if local.path is not None
+                     else "not on this machine")
+            click.echo("\n".join([
+                f"model            {target.label} ({target.note})",
+                f"on disk          {state}",
+                f"would fetch      {target.repo}/{target.folder} into {hub_cache()} (on first use by run, chat, "
+                f"batch or serve, or now with: phi3v-ort fetch -m {target.model} --variant {target.name})",
+                f"device           {resolve_device(device)} (the {target.name} build is chosen for it)",
+                *tail]))
+            return
+    model = open_model(None, str(folder), device, threads=threads)
+    i = model.info
     lines = [
         f"model folder     {i.path}",
         f"model type       {i.model_type}",
@@ -351,13 +462,12 @@ def info(model: str | None, model_dir: str | None, device: str, threads: int | N
         f"decoder          {i.num_layers} layers, hidden {i.hidden_size}, {i.num_heads} heads of {i.head_size}, "
         f"{i.num_kv_heads} KV heads",
         f"context          {i.context_length} tokens, vocab {i.vocab_size}",
-        f"GPU              {f'{gpus} NVIDIA GPU(s) found' if gpus else 'none found'}",
-        f"versions         {', '.join(versions)}",
+        *tail,
     ]
     click.echo("\n".join(lines))
 
 
-@cli.command()
+@cli.command(short_help="Chat about images, keeping the KV cache between turns.")
 @click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL",
               help="An image for the first question (repeatable); later ones with /image.")
 @model_options
@@ -372,26 +482,43 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
          temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, system: str | None,
          crops: int | None, processor: str, threads: int | None, reserve_tokens: int, json_schema: str | None,
          json_object: bool, regex: str | None, grammar: str | None) -> None:
-    """An interactive chat about images that keeps the KV cache between turns."""
+    """An interactive chat about images that keeps the KV cache between turns.
+
+    Type a question per line; /help lists the commands (/image PATH, /detach, /reset, /stats, /format, /save FILE).
+    Ctrl-C stops an answer, Ctrl-D leaves. When stdin is not a terminal, each line is a turn.
+
+    \b
+    Examples:
+      phi3v-ort chat -i chart.png
+      phi3v-ort chat --system "Answer in one sentence." -i cover.jpg
+      printf 'What is this?\\nAnd the title?\\n' | phi3v-ort chat -i cover.jpg
+    """
     from . import guidance
     from .chat import run_chat, stdin_is_terminal
     from .conversation import Conversation
     from .images import load_image
+    from .phase import Phase
 
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
                              guidance.from_cli(json_schema, json_object, regex, grammar))
     loaded_images = [load_image(src) for src in images]
-    conversation = Conversation(open_model(model, model_dir, device, threads=threads), settings, system,
-                                reserve_tokens, processor=processor, crops=crops)
+    phase = Phase(sys.stderr)  # only when stderr is a terminal
+    try:
+        loaded = open_model(model, model_dir, device, threads=threads, phase=phase)
+    finally:
+        phase.clear()
+    conversation = Conversation(loaded, settings, system, reserve_tokens, processor=processor, crops=crops)
     sys.exit(run_chat(conversation, loaded_images, sys.stdin, sys.stdout, sys.stderr,
-                      interactive=stdin_is_terminal(), format_stats=format_stats))
+                      interactive=stdin_is_terminal(), format_stats=format_stats, phase=phase))
 
 
-@cli.command()
+@cli.command(short_help="Answer a JSONL file or a folder of images into a JSONL file.")
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), required=True,
-              help="JSONL results, appended; answered ids are skipped (resume), failed ones retried.")
-@click.option("--question", default=None, help="The question for every image of a folder (or a JSONL default).")
+              help="JSONL results, appended; answered ids are skipped (resume), failed ones retried (with --ray, "
+              "a path ending in .parquet is a folder of Parquet files).")
+@click.option("--question", default=None,
+              help="The question for every image of a folder (or the default for JSONL lines without one).")
 @model_options
 @sampling_options
 @input_options
@@ -404,17 +531,38 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
               help="Items prepared ahead of the workers at most.")
 @click.option("--retry-errors/--no-retry-errors", default=True, show_default=True,
               help="Run again the items whose last line in OUTPUT is an error (the new line replaces it).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Fan the items out to model actors on a Ray cluster (needs pip install 'phi3v-ort[ray]'); the "
+              "same output lines, resumable the same way; OUTPUT may also be a .parquet folder.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="The Ray cluster to join (--ray) [default: $RAY_ADDRESS, else a local Ray instance].")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="Model actors, one model each (--ray) [default: one per GPU of the cluster, 1 without GPUs].")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=None, metavar="G",
+              help="GPUs per actor (--ray; 0: CPU actors) [default: 1 when the cluster has GPUs, else 0].")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=None, metavar="C",
+              help="Ray's CPU reservation per actor (--ray) [default: fractional, leaving a CPU to Ray Data].")
 @guidance_options
 def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
           max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None,
           crops: int | None, processor: str, workers: int, threads: int | None, prepare_threads: int, prefetch: int,
-          retry_errors: bool, json_schema: str | None, json_object: bool, regex: str | None,
-          grammar: str | None) -> None:
-    """Answer SOURCE (a JSONL file of {"id", "images", "question"} or a folder of images) into OUTPUT.
+          retry_errors: bool, use_ray: bool, ray_address: str | None, actors: int | None,
+          gpus_per_actor: float | None, cpus_per_actor: float | None, json_schema: str | None, json_object: bool,
+          regex: str | None, grammar: str | None) -> None:
+    """Answer SOURCE (a JSONL file or a folder of images), one JSON line per item in -o OUTPUT.
 
+    SOURCE is a JSONL file of {"id", "images", "question"} lines (relative image paths are relative to it), or a
+    folder of images with --question. OUTPUT is appended to: answered ids are skipped, so the same command resumes.
     Bad input lines are listed on stderr and the rest runs. Exit status: 0 every item is answered; 1 stopped by an
     Error line (bad paths or input are refused before any work); 3 some items failed (error lines in OUTPUT, from
     this run or kept by --no-retry-errors) or some input lines were bad; 130 interrupted (run it again to resume).
+
+    \b
+    Examples:
+      phi3v-ort batch items.jsonl -o answers.jsonl
+      phi3v-ort batch photos/ --question "Describe the image." -o answers.jsonl --workers 2
+      phi3v-ort batch items.jsonl -o answers.jsonl --json-schema book.schema.json
+      phi3v-ort batch /shared/photos --question "Describe the image." -o /shared/answers.jsonl --ray
     """
     import time
 
@@ -423,11 +571,35 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
 
     settings = make_settings(max_new_tokens, temperature, top_p, top_k, seed,
                              guidance.from_cli(json_schema, json_object, regex, grammar))
+    ray_only = [name for name, value in (("--ray-address", ray_address), ("--actors", actors),
+                                         ("--gpus-per-actor", gpus_per_actor), ("--cpus-per-actor", cpus_per_actor))
+                if value is not None]
+    if ray_only and not use_ray:
+        raise Phi3vError(f"{ray_only[0]} needs --ray")
+    if use_ray and workers != 1:
+        raise Phi3vError("--workers is for the local batch: with --ray, the model actors are --actors")
+    if not use_ray and output.lower().rstrip("/").endswith(".parquet"):
+        raise Phi3vError("a .parquet output needs --ray: the local batch writes JSONL (choose a .jsonl -o)")
     data = read_batch(source, question)
     ids = [it.id for it in data.items] + [b.id for b in data.bad if b.id is not None]
-    check_output(output, source, ids, retry_errors)
+    if use_ray:
+        try:
+            from . import distributed
+        except ImportError as exc:
+            raise Phi3vError(f"--ray needs Ray Data ({exc.name or exc} is missing): "
+                             "pip install 'phi3v-ort[ray]'") from None
+        distributed.check(output, source, ids, retry_errors)
+    else:
+        check_output(output, source, ids, retry_errors)
     for bad in data.bad:
         click.echo(f"Error: {data.describe(bad)}", err=True)
+    if use_ray:
+        p = _ray_batch(distributed, data, output, settings, model=model, model_dir=model_dir, device=device,
+                       address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
+                       cpus_per_actor=cpus_per_actor, threads=threads, processor=processor, crops=crops,
+                       retry_errors=retry_errors)
+        _batch_summary(p, data, output)
+        return
     pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops)
     show = sys.stderr.isatty()
 
@@ -447,62 +619,155 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
         pool.close()
     if show:
         click.echo("", err=True)
+    _batch_summary(p, data, output)
+
+
+def _batch_summary(p, data, output: str) -> None:
+    """The last lines of a batch run, local or --ray, and its exit status (3 when something is missing)."""
     parts = [f"{p.retried} earlier errors retried"] if p.retried else []
     parts += [f"{p.kept_failed} earlier errors kept (--no-retry-errors)"] if p.kept_failed else []
     notes = f" ({'; '.join(parts)})" if parts else ""
     click.echo(f"{p.done} answered, {p.failed} failed, {p.skipped} already done: {output}{notes}", err=True)
     unrun = sum(1 for b in data.bad if b.id is None)
-    if p.failed or p.kept_failed or unrun:
+    if p.failed or p.kept_failed or unrun or p.unanswered:
         unrun_note = f", {unrun} input lines could not be run (listed above)" if unrun else ""
-        click.echo(f"Not complete: {p.failed + p.kept_failed} items have an error line in the output{unrun_note}; "
-                   "fix them and run the same command to retry.", err=True)
+        lost_note = (f", {p.unanswered} items got no line (Ray gave up on their actor after it died repeatedly)"
+                     if p.unanswered else "")
+        click.echo(f"Not complete: {p.failed + p.kept_failed} items have an error line in the output{unrun_note}"
+                   f"{lost_note}; fix them and run the same command to retry.", err=True)
         sys.exit(3)
 
 
-@cli.command()
+def _ray_batch(distributed, data, output: str, settings, **options):
+    """`batch --ray`: the job on the Ray cluster (Ray's own progress bars show it), Ctrl-C as in the local batch."""
+    def started(info: dict) -> None:
+        where = (f"{info['gpus_per_actor']:g} GPU each" if info["device"] == "cuda"
+                 else f"CPU, {info['threads']} threads each")
+        click.echo(f"Ray: {info['items']} items in {info['blocks']} blocks, {info['actors']} model actors ({where}, "
+                   f"{info['cpus_per_actor']:g} CPU reserved each); cluster: {info['cluster_cpus']:g} CPUs, "
+                   f"{info['cluster_gpus']:g} GPUs", err=True)
+
+    try:
+        return distributed.run_ray_batch(data, output, settings, on_start=started, **options)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: finished items are in the output; run the same command to resume.", err=True)
+        sys.exit(130)
+
+
+BENCH_ENGINES = ("ort", "torch")
+TORCH_DTYPES = ("fp32", "bf16", "fp16")
+TORCH_ATTN = ("eager", "sdpa")
+
+
+def _bench_scenario_names() -> tuple[str, ...]:
+    from .bench.scenarios import SCENARIOS  # dataclasses only: cheap enough for --help
+
+    return tuple(SCENARIOS)
+
+
+def _choices(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """A comma-separated option value as a tuple, each item checked (one sentence naming the choices)."""
+    items = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not items:
+        raise Phi3vError(f"{option} is empty: choose from {', '.join(allowed)}")
+    for item in items:
+        if item not in allowed:
+            raise Phi3vError(f"{option}: unknown value {item!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+@cli.command(short_help="Measure phi3v-ort against the transformers reference.")
 @click.option("--model-dir", type=click.Path(), required=True, help="The ONNX package to measure.")
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="The transformers checkpoint of the same weights [default: MODEL_DIR.checkpoint].")
-@click.option("--engines", default="ort,torch", show_default=True, help="ort, torch, or both.")
-@click.option("--scenarios", default=None, help="Comma-separated scenario names [default: all].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--torch-dtype", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16.")
-@click.option("--torch-attn", default="eager", show_default=True, help="Comma-separated: eager, sdpa.")
-@click.option("--reps", type=int, default=5, show_default=True)
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--cuda-graph", is_flag=True, help="phi3v-ort with CUDA graphs.")
+              help="The transformers checkpoint of the same weights, for the torch engine [default: "
+              "MODEL_DIR.checkpoint, as scripts/make_synthetic_model.py writes it].")
+@click.option("--engines", default="ort,torch", show_default=True,
+              help="Comma-separated engines: ort (phi3v-ort), torch (the transformers reference).")
+@click.option("--scenarios", default=None, metavar="NAMES",
+              help=f"Comma-separated scenarios, from: {', '.join(_bench_scenario_names())} [default: all].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where both engines run.")
+@click.option("--torch-dtype", default="fp32", show_default=True,
+              help="Comma-separated dtypes of the torch engine: fp32, bf16, fp16.")
+@click.option("--torch-attn", default="eager", show_default=True,
+              help="Comma-separated attention kernels of the torch engine: eager, sdpa.")
+@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Measured repetitions per scenario (median and p90 reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Unmeasured runs per scenario before the repetitions.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+              help="Tokens generated per run (the end token is ignored, so every run decodes N).")
+@click.option("--cuda-graph", is_flag=True, help="phi3v-ort with CUDA graphs (CUDA only; ignored on the CPU).")
 @click.option("--no-share-buffer", is_flag=True, help="phi3v-ort without the shared KV buffer.")
 @click.option("--out", default="benchmarks/results/bench", show_default=True,
-              help="Result path without extension (.json, .md, .png).")
+              help="Result path without extension (.json, .md, and .png when both engines ran).")
 @input_options
 @threads_option
 def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str | None, device: str, torch_dtype: str,
           torch_attn: str, reps: int, warmup: int, max_new_tokens: int, cuda_graph: bool, no_share_buffer: bool,
           out: str, crops: int | None, processor: str, threads: int | None) -> None:
-    """Measure phi3v-ort against the transformers reference on the same weights."""
-    from .bench.harness import BenchConfig, run, write
-    from .bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+    """Measure phi3v-ort against the transformers reference on the same weights.
 
-    names = tuple(s.strip() for s in scenarios.split(",")) if scenarios else DEFAULT_SCENARIOS
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        raise Phi3vError(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
-    cfg = BenchConfig(model_dir=model_dir, checkpoint=checkpoint, engines=tuple(engines.split(",")),
-                      scenarios=names, device=device, torch_dtypes=tuple(torch_dtype.split(",")),
-                      torch_attn=tuple(torch_attn.split(",")), reps=reps, warmup=warmup,
+    Each engine runs in its own process; the results go to OUT.json, OUT.md and OUT.png. The torch engine needs
+    the build extra (pip install torch -e '.[build]') and a transformers checkpoint of the package's weights:
+    scripts/make_synthetic_model.py writes one beside each package it builds (--out DIR: DIR.checkpoint). Exits
+    non-zero when an engine fails.
+
+    \b
+    Examples:
+      python scripts/make_synthetic_model.py --preset tiny --out models/tiny
+      phi3v-ort bench --model-dir models/tiny --scenarios chart,text --reps 3
+      phi3v-ort bench --model-dir models/tiny --engines ort --out /tmp/ort-only
+    """
+    import importlib.util
+
+    from .bench.harness import BenchConfig, run, write
+    from .bench.scenarios import DEFAULT_SCENARIOS
+    from .loading import read_package
+
+    # everything is checked before anything runs (a full run takes minutes)
+    engine_names = _choices(engines, BENCH_ENGINES, "--engines")
+    names = _choices(scenarios, _bench_scenario_names(), "--scenarios") if scenarios is not None \
+        else DEFAULT_SCENARIOS
+    dtypes = _choices(torch_dtype, TORCH_DTYPES, "--torch-dtype")
+    attn = _choices(torch_attn, TORCH_ATTN, "--torch-attn")
+    read_package(model_dir)  # one sentence if it is not a package
+    if "torch" in engine_names:
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise Phi3vError(f"the torch engine needs the build extra ({missing[0]} is missing): pip install "
+                             "torch -e '.[build]', or measure phi3v-ort alone with --engines ort")
+        checkpoint = checkpoint or str(Path(model_dir).resolve()) + ".checkpoint"
+        if not (Path(checkpoint) / "config.json").is_file():
+            raise Phi3vError(f"the torch engine needs a transformers checkpoint of the same weights and there is "
+                             f"none at {checkpoint}: scripts/make_synthetic_model.py writes it next to the package "
+                             "(--out DIR gives DIR.checkpoint); pass --checkpoint DIR, or use --engines ort")
+    note_cuda_graph(cuda_graph, device)
+    cfg = BenchConfig(model_dir=model_dir, checkpoint=checkpoint, engines=engine_names,
+                      scenarios=names, device=device, torch_dtypes=dtypes,
+                      torch_attn=attn, reps=reps, warmup=warmup,
                       max_new_tokens=max_new_tokens, cuda_graph=cuda_graph, share_buffer=not no_share_buffer, out=out,
                       threads=threads, processor=processor, crops=crops)
     result = run(cfg)
-    for path in write(result, out):
+    paths = write(result, out)
+    for path in paths:
         click.echo(str(path))
+    failed = [e for e in result["engines"] if "error" in e]
+    if not any(p.suffix == ".png" for p in paths) and not failed:
+        click.echo("No chart: it compares the two engines (and needs matplotlib: pip install "
+                   "'phi3v-ort[bench]').", err=True)
+    if failed:
+        raise Phi3vError("; ".join(f"{e['label']} failed ({e['error']}; its output is above)" for e in failed))
 
 
-@cli.command()
+@cli.command(short_help="Serve an OpenAI-compatible API and a web page to try it.")
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", default=None, envvar="PHI3V_ORT_API_KEY", help="Require `Authorization: Bearer KEY`.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0: every interface; think of --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="The TCP port to listen on.")
+@click.option("--api-key", default=None, envvar="PHI3V_ORT_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 (also from $PHI3V_ORT_API_KEY).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model worker processes, each with its own model, one answer at a time each (worker i on GPU i "
               "when there are enough GPUs).")
@@ -513,27 +778,55 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
               help="Requests waiting for a worker; beyond: 429.")
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
 @click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
+@click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
           workers: int, threads: int | None, processor: str, max_queue: int, allow_remote_images: bool,
-          model_name: str | None) -> None:
-    """An OpenAI-compatible chat-completions server on HOST:PORT; the models run in worker processes."""
+          model_name: str | None, quiet: bool) -> None:
+    """An OpenAI-compatible server with a web page; the models run in worker processes.
+
+    Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
+    /v1/models and /health. Logs one line per request on stderr (method, path, status, prompt and completion
+    tokens, time to first token, total time) unless --quiet.
+
+    \b
+    Examples:
+      phi3v-ort serve                                  # then open http://127.0.0.1:8000/
+      phi3v-ort serve --model-dir tests/fixtures/tiny-int4-cpu --port 8001
+      phi3v-ort serve --host 0.0.0.0 --api-key s3cret --workers 2
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+    """
     try:
-        from .server import ServerLimits, create_app, serve_forever
+        from .server import ServerLimits, bind_socket, create_app, serve_forever
     except ImportError as exc:
         raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
-    pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+    sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
+    try:
+        pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+    except BaseException:
+        sock.close()
+        raise
     spec = pool.workers[0].spec
     name = model_name or model or Path(spec.model_dir).name
     limits = ServerLimits(max_queue=max_queue)
-    app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor)
+    app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet)
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"
-               f"{f', {spec.threads} thread(s) each' if spec.threads else ''}) on http://{host}:{port}/v1", err=True)
-    serve_forever(app, host, port, limits.grace_s)
+               f"{f', {spec.threads} thread(s) each' if spec.threads else ''}) on http://{shown}:{port}/v1 "
+               f"(web page: http://{shown}:{port}/)", err=True)
+    serve_forever(app, host, port, limits.grace_s, sock=sock)
 
 
-@cli.command()
+@cli.command(short_help="List the published builds and which are on this machine.")
 def models() -> None:
-    """The catalog of published builds and what of it is already on this machine."""
+    """The catalog of published builds and what of it is already on this machine.
+
+    \b
+    Examples:
+      phi3v-ort models
+      HF_HUB_CACHE=/data/hub phi3v-ort models
+    """
     from .catalog import CATALOG
     from .fetch import locate
 
@@ -551,15 +844,26 @@ def models() -> None:
             click.echo(f"{'':<32} on disk: {local.path} ({local.size_bytes / 2**30:.2f} GB, {state})")
 
 
-@cli.command()
+@cli.command(short_help="Download a published build (resumable).")
 @click.option("-m", "--model", default=None, metavar="NAME",
               help="phi-3-vision or phi-3.5-vision [default: $PHI3V_ORT_MODEL or phi-3-vision].")
-@click.option("--variant", default=None, help="gpu-int4 or cpu-int4 [default: gpu-int4 when a GPU is present].")
+@click.option("--variant", default=None,
+              help="gpu-int4 or cpu-int4 [default: gpu-int4 when an NVIDIA GPU is present, else cpu-int4].")
 @click.option("--revision", default=None, help="A branch, tag or commit of the hub repo [default: main].")
 @click.option("--dir", "local_dir", type=click.Path(file_okay=False), default=None,
               help="Download into this plain folder instead of the hub cache.")
 def fetch(model: str | None, variant: str | None, revision: str | None, local_dir: str | None) -> None:
-    """Download a published build (resumable) and print the folder to pass as --model-dir."""
+    """Download a published build (resumable) and print the folder to pass as --model-dir.
+
+    Goes to the Hugging Face hub cache ($HF_HUB_CACHE) unless --dir is given; an interrupted fetch resumes when run
+    again.
+
+    \b
+    Examples:
+      phi3v-ort fetch                                  # phi-3-vision, the build for this machine
+      phi3v-ort fetch -m phi-3.5-vision --variant cpu-int4
+      phi3v-ort fetch --variant cpu-int4 --dir models/
+    """
     from .catalog import DEFAULT_MODEL, MODEL_ENV, select
     from .device import resolve_device
     from .fetch import ensure

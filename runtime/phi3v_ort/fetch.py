@@ -210,9 +210,10 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
-def resolve_model_dir(model: str | None, model_dir: str | None, device: str) -> Path:
-    """The folder to load: --model-dir as given, else a catalog name (or folder) from -m / PHI3V_ORT_MODEL /
-    the default, found on disk or fetched on first use. A name may pin a variant: `phi-3-vision:cpu-int4`."""
+def model_target(model: str | None, model_dir: str | None, device: str) -> Path | Variant:
+    """What the options name, without touching the network: a folder (--model-dir, or a folder given by name), or
+    the catalog variant of a name from -m / PHI3V_ORT_MODEL / the default (a name may pin a variant:
+    `phi-3-vision:cpu-int4`)."""
     from .catalog import DEFAULT_MODEL, MODEL_ENV, select
     from .device import resolve_device
 
@@ -223,4 +224,11 @@ def resolve_model_dir(model: str | None, model_dir: str | None, device: str) -> 
     name = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if Path(name).expanduser().is_dir() or "/" in name or os.sep in name:
         return Path(name).expanduser()  # a folder, given by name (read_package says if it is missing)
-    return ensure(select(name, None, resolve_device(device)))
+    return select(name, None, resolve_device(device))
+
+
+def resolve_model_dir(model: str | None, model_dir: str | None, device: str) -> Path:
+    """The folder to load: --model-dir as given, else a catalog name (or folder) from -m / PHI3V_ORT_MODEL /
+    the default, found on disk or fetched on first use."""
+    target = model_target(model, model_dir, device)
+    return target if isinstance(target, Path) else ensure(target)

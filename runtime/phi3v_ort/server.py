@@ -22,13 +22,21 @@ measured on `small`); here the event loop never runs og code.
   worker has created its generator), and an answer cut by max_tokens ends with finish_reason "length".
 - Reuse: a request whose messages extend a conversation answered recently is sent to the worker that keeps its
   generator (conversation.py) and continues it instead of re-prefilling.
+- GET / is a single self-contained page to try the model in a browser (web.py: inline HTML, CSS and JS, no
+  network beyond this server); responses to chat requests carry `X-Phi3v-Image-Tokens` (per image, the whole
+  conversation's) for it.
+- Access log: one line per request on stderr (client, method, path, status, prompt and completion tokens, time to
+  first token, total time), written when the response has ended; `create_app(access_log=False)` (serve --quiet)
+  turns it off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import socket
 import sys
 import time
 import uuid
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .conversation import ContextTooLong, transcript
@@ -244,10 +252,86 @@ class Active:
             self.queue.put_nowait(item)
 
 
+LOG_KEY = "phi3v.log"  # the scope entry where a route leaves what the access log reports (tokens, first token)
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on `stream`, once its response has ended (a stream included):
+    `CLIENT "METHOD PATH" STATUS prompt_tokens=P completion_tokens=C ttft_ms=T total_ms=D` (`-` where a request
+    has no such figure). The chat route fills scope[LOG_KEY]; a client gone before any response logs 499."""
+
+    def __init__(self, app, stream=None):
+        self.app, self.stream = app, stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        record = scope[LOG_KEY] = {"started": started}
+        status: list[int] = []
+
+        async def send_logged(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        except Exception:
+            if not status:
+                status.append(500)  # Starlette's ServerErrorMiddleware, outside this one, answers it
+            raise
+        finally:
+            self.write(scope, status[0] if status else 499, record, time.perf_counter() - started)
+
+    def write(self, scope, status: int, record: dict, total_s: float) -> None:
+        client = scope.get("client")
+        path = scope.get("path", "")
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("latin-1")
+
+        def figure(key: str) -> str:
+            value = record.get(key)
+            return "-" if value is None else str(value)
+
+        first = record.get("first_token")
+        ttft = "-" if first is None else f"{(first - record['started']) * 1000:.0f}"
+        line = (f"{client[0] if client else '-'} \"{scope.get('method', '-')} {path}\" {status} "
+                f"prompt_tokens={figure('prompt_tokens')} completion_tokens={figure('completion_tokens')} "
+                f"ttft_ms={ttft} total_ms={total_s * 1000:.0f}")
+        try:
+            print(line, file=self.stream or sys.stderr, flush=True)
+        except (OSError, ValueError):  # a closed or broken stderr never fails a request
+            pass
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use (or an address this machine does not have) is one sentence
+    before anything starts, and uvicorn gets this very socket (no window for another process to take the port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise Phi3vError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise Phi3vError(f"port {port} on {host} is already in use: stop what is listening there, or choose "
+                             "another --port") from None
+        raise Phi3vError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", api_key: str | None = None,
                limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False, workers: int = 1,
-               processor: str = "own") -> Starlette:
-    """The app over a started WorkerPool (or a WorkerSpec: `workers` of them are started here)."""
+               processor: str = "own", access_log: bool = True, log_stream=None) -> Starlette:
+    """The app over a started WorkerPool (or a WorkerSpec: `workers` of them are started here); `access_log`: one
+    line per request on `log_stream` (default stderr)."""
     if isinstance(pool, WorkerSpec):
         pool = WorkerPool(pool, workers).start()
     info = read_package(pool.workers[0].spec.model_dir)
@@ -273,6 +357,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
 
     async def chat_completions(request: Request) -> Response:
         ensure_loop()
+        record = request.scope.get(LOG_KEY, {})  # what the access log reports (AccessLog)
         try:
             check_auth(request)
             if service.shutting_down:
@@ -288,6 +373,9 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             images = await service.prepare_images(req.images, pipeline)
             explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
             budget, prompt_tokens = service.check_context(req, history, images, explicit)
+            record["prompt_tokens"] = prompt_tokens
+            image_tokens = [pipeline.image_tokens(p) for _, imgs in history for _, p in imgs] \
+                + [pipeline.image_tokens(p) for _, p in images]
             key_before = transcript_key(req.system, [(t.question, [r for r, _ in imgs], t.answer)
                                                      for t, imgs in history])
             route = service.routes.get(key_before)
@@ -311,6 +399,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             return _error_response(ApiError(503, "the model worker is restarting; try again", "server_error",
                                             headers={"Retry-After": "1"}))
         created = int(time.time())
+        image_header = {"X-Phi3v-Image-Tokens": ",".join(map(str, image_tokens))}
         stops = StopStringFilter(req.stop)
         # usage.prompt_tokens is the whole conversation, as OpenAI counts it (also when the worker only appended
         # the new turn to a kept cache, and when a stop string cancelled the answer before its stats came)
@@ -319,6 +408,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
 
         def on_end() -> None:
             service.active.pop(request_id, None)
+            record["completion_tokens"] = state["generated"]
             if state["error"] is None and state["finish"] in ("stop", "length") and not stops.stopped:
                 key_after = transcript_key(req.system, [(t.question, [r for r, _ in imgs], t.answer)
                                                         for t, imgs in history]
@@ -334,6 +424,8 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                     if stops.stopped:
                         return None  # the worker ran on until the cancel reached it: not part of the answer
                     state["generated"] += 1
+                    if state["generated"] == 1:
+                        record["first_token"] = time.perf_counter()
                     delta = stops.feed(event.text)
                     state["text"] += delta
                     if stops.stopped:
@@ -402,7 +494,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": state["text"]},
                              "finish_reason": state["finish"] or "length", "logprobs": None}],
                 "usage": usage(),
-            }, headers={"X-Phi3v-KV-Reused": "true" if state["kv_reused"] else "false"})
+            }, headers={"X-Phi3v-KV-Reused": "true" if state["kv_reused"] else "false", **image_header})
 
         first: list = []  # a streamed constrained answer: the worker's first item, already read (see below)
         if req.settings.guidance is not None:
@@ -452,7 +544,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 on_end()
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **image_header})
 
     async def list_models(request: Request) -> Response:
         try:
@@ -469,6 +561,12 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
         report["model"] = model_name
         return JSONResponse(report, status_code=200 if report["alive"] else 503)
 
+    async def web_page(request: Request) -> Response:
+        from .web import CONTENT_SECURITY_POLICY, page
+
+        return HTMLResponse(page(model_name), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                                        "Cache-Control": "no-cache"})
+
     async def not_found(request: Request, exc) -> Response:
         return _error_response(ApiError(404, f"no route {request.url.path}"))
 
@@ -478,17 +576,22 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
     async def server_error(request: Request, exc) -> Response:
         return _error_response(ApiError(500, "internal error", "server_error"))
 
-    app = Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    from starlette.middleware import Middleware
+
+    app = Starlette(routes=[Route("/", web_page, methods=["GET"]),
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                             Route("/v1/models", list_models, methods=["GET"]),
                             Route("/health", health, methods=["GET"])],
-                    exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
+                    exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+                    middleware=[Middleware(AccessLog, stream=log_stream)] if access_log else [])
     app.state.service = service
     app.state.pool = pool
     return app
 
 
-def serve_forever(app: Starlette, host: str, port: int, grace_s: float) -> None:
-    """uvicorn, with SIGTERM/SIGINT first telling the service (503 for the queue, deadline for running answers)."""
+def serve_forever(app: Starlette, host: str, port: int, grace_s: float, sock: socket.socket | None = None) -> None:
+    """uvicorn, with SIGTERM/SIGINT first telling the service (503 for the queue, deadline for running answers).
+    `sock`: an already bound socket (bind_socket) to serve on instead of binding HOST:PORT here."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -498,9 +601,9 @@ def serve_forever(app: Starlette, host: str, port: int, grace_s: float) -> None:
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(grace_s))
     try:
-        Server(config).run()
+        Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         app.state.pool.close()
 
 
-__all__ = ["ServerLimits", "create_app", "serve_forever", "ContextTooLong"]
+__all__ = ["ServerLimits", "bind_socket", "create_app", "serve_forever", "ContextTooLong"]

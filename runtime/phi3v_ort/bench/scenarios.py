@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .common import chart_image, cover_image, photo_image
-
 
 @dataclass(frozen=True)
 class Scenario:
@@ -23,6 +21,8 @@ class Scenario:
 
 
 def render(kind: str, width: int, height: int, seed: int = 0) -> bytes:
+    from .common import chart_image, cover_image, photo_image  # numpy, Pillow: not needed to list the scenarios
+
     if kind == "chart":
         return chart_image(width, height, seed)
     if kind == "cover":
