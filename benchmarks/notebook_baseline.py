@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from phi3v_ort.bench.common import environment, summarize  # noqa: E402
 from phi3v_ort.bench.scenarios import SCENARIOS, render  # noqa: E402
 from phi3v_ort.prompt import build_prompt  # noqa: E402
+from phi3v_ort.prompt import render as render_prompt  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     for name in args.scenarios.split(","):
         sc = SCENARIOS[name]
         images = [Image.open(io.BytesIO(render(*spec))).convert("RGB") for spec in sc.images] or None
-        prompt = build_prompt(sc.question, len(sc.images))
+        prompt = render_prompt(build_prompt(sc.question, len(sc.images)))  # the notebook's template, as text
         samples = []
         for rep in range(args.reps + 1):
             t0 = time.perf_counter()

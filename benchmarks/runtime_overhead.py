@@ -27,15 +27,15 @@ from phi3v_ort.generation import Finished, prepare, stream  # noqa: E402
 from phi3v_ort.images import load_image  # noqa: E402
 from phi3v_ort.kv_cache import KVCachePolicy  # noqa: E402
 from phi3v_ort.loading import load_model  # noqa: E402
-from phi3v_ort.prompt import build_prompt  # noqa: E402
+from phi3v_ort.prompt import build_prompt, render  # noqa: E402
 from phi3v_ort.settings import GenerationSettings  # noqa: E402
 
 QUESTION = "Could you please introduce this stock to me?"
 
 
-def run_runtime(model, images, max_new_tokens):
+def run_runtime(model, images, max_new_tokens, processor="own"):
     settings = GenerationSettings(max_new_tokens=max_new_tokens, ignore_eos=True)
-    for event in stream(model, QUESTION, images, settings):
+    for event in stream(model, QUESTION, images, settings, processor=processor):
         if isinstance(event, Finished):
             return event
 
@@ -43,13 +43,13 @@ def run_runtime(model, images, max_new_tokens):
 def runtime_vs_bare(model, reps: int, max_new_tokens: int) -> dict:
     data = chart_image()
     images = [image_input(data, "chart.png")]
-    prompt = build_prompt(QUESTION, 1)
+    prompt = render(build_prompt(QUESTION, 1))  # the bare loop is og's example: og's processor on the text
     samples = {k: [] for k in ("bare_ttft_s", "runtime_ttft_s", "bare_prefill_s", "runtime_prefill_s",
                                "bare_decode_tps", "runtime_decode_tps")}
     tokens_equal = True
     for rep in range(reps + 1):  # the first round is the warm-up
         bare = bare_og_generate(model.og_model, model.tokenizer, model.processor, prompt, [data], max_new_tokens)
-        done = run_runtime(model, images, max_new_tokens)
+        done = run_runtime(model, images, max_new_tokens, processor="og")  # the same inputs as the bare loop
         tokens_equal &= list(done.token_ids) == bare.token_ids
         if rep == 0:
             continue
