@@ -305,3 +305,32 @@ def test_stop_string_cuts_the_answer(app_client, tiny_dir):
     assert r["choices"][0]["message"]["content"] == text[: text.index(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
     assert 0 < r["usage"]["completion_tokens"] < 12 and r["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]
+
+
+# -- every refused field of issue 12, through the server (the parser's own matrix: tests/test_openai_request.py) ---
+
+def _field_cases():
+    from .test_openai_request import BAD_FIELDS
+
+    return BAD_FIELDS
+
+
+@pytest.mark.parametrize("extra, param", _field_cases())
+def test_refused_fields_through_the_server(app_client, extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    try:
+        r = _post(app_client, json.dumps(body, allow_nan=False).encode())
+        named = True
+    except ValueError:  # NaN / Infinity: not JSON at all, so the body itself is refused before any field
+        r = _post(app_client, json.dumps(body).encode())
+        named = False
+    assert r.status_code == 400, (extra, r.text)
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param if named else "not valid JSON" in error["message"]
+
+
+def test_deep_json_and_huge_seed_through_the_server(app_client):
+    assert _post(app_client, b"[" * 100_000).status_code == 400
+    r = _post(app_client, {"messages": [{"role": "user", "content": "hi"}], "seed": 4294967296})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
