@@ -98,12 +98,13 @@ class InputBuilder:
         if not images:
             return ModelInputs(render(segments), ids, None, None, None, time.perf_counter() - started)
         slots = max(self.slots(img.num_crops) for img in images)
-        pixels = np.zeros((len(images), slots, 3, contract.CROP_SIZE, contract.CROP_SIZE), dtype=self.pixel_dtype)
+        pixels = np.empty((len(images), slots, 3, contract.CROP_SIZE, contract.CROP_SIZE), dtype=self.pixel_dtype)
         for k, img in enumerate(images):
             if len(img.crops) > slots:
                 raise Phi3vError(f"image {img.source or k + 1} has {len(img.crops)} crops but the vision model "
                                  f"takes {slots}")
             pixels[k, : len(img.crops)] = img.crops
+            pixels[k, len(img.crops):] = 0  # unused crop slots are zero, as the reference pads them
         sizes = np.array([img.size for img in images], dtype=np.int64)
         counts = np.array([[img.tokens for img in images]], dtype=np.int64)
         return ModelInputs(render(segments), ids, pixels, sizes, counts,
