@@ -102,10 +102,11 @@ def _first(value) -> int:
 def default_threads(workers: int = 1) -> int:
     """Intra-op threads per model on the CPU: the CPUs this process may use, shared among the workers.
 
-    og 0.18 runs one intra-op thread here unless told. Measured on the `small` package, 2-core machine
-    (benchmarks/results/threads-cpu-small.md): 2 threads instead of 1 cut an image prefill from 23.8 s to 12.8 s
-    and lifted decode from 74.7 to 141.5 tokens/s. More threads than cores only adds contention, so the default
-    divides the usable CPUs among the model worker processes.
+    og 0.18 runs one intra-op thread here unless told. Measured on the `small` package, 2-core machine: 2 threads
+    instead of 1 cut an image prefill from 23.8 s to 12.8 s and lifted decode from 74.7 to 141.5 tokens/s (issue
+    11's measurement), and batch items/s 1.85x (benchmarks/results/bench-cpu-small.md). More threads than cores
+    only adds contention (two workers with one thread each answer two requests no faster than one worker with two:
+    benchmarks/results/server-cpu-small.md), so the default divides the usable CPUs among the worker processes.
     """
     try:
         cpus = len(os.sched_getaffinity(0))
