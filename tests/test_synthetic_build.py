@@ -121,6 +121,16 @@ def test_cuda_package_builds_without_gpu_and_loads_on_cpu(synthetic, png):
     assert model.device_type == "CPU"
     _, tokens = bare_generate(model, _prompt(1, "What is this?"), [png(640, 400)], 6)
     assert len(tokens) >= 1
+    # the runtime's own pipeline reads the fp16 input from the vision model and feeds it in that dtype
+    from phi3v_ort.generation import generate, prepare
+    from phi3v_ort.images import load_image
+    from phi3v_ort.loading import load_model
+    from phi3v_ort.settings import GenerationSettings
+
+    loaded = load_model(out, "cpu")
+    image = load_image(str(png(640, 400)))
+    assert loaded.builder.pixel_dtype == np.float16 and prepare(loaded, "What is this?", [image]).pixel_values.dtype == np.float16
+    assert generate(loaded, "What is this?", [image], GenerationSettings(max_new_tokens=4)).stats.image_tokens == (1921,)
 
 
 @pytest.mark.synthetic("tiny-fp32-cpu-phi35")

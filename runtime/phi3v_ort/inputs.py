@@ -28,7 +28,6 @@ from .pixels import PreparedImage, prepare_image
 from .prompt import Segment, Text, render
 from .tokens import PromptTokenizer
 
-PROCESSORS = ("own", "og")
 DEFAULT_PROCESSOR = "own"
 
 
