@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from phi3v_ort import contract  # noqa: E402
-from phi3v_ort.bench.common import chart_image, environment, image_input, summarize  # noqa: E402
+from phi3v_ort.bench.common import chart_image, environment, image_input, summarize, write_result  # noqa: E402
 from phi3v_ort.generation import Finished, TokenEvent, stream  # noqa: E402
 from phi3v_ort.images import decode  # noqa: E402
 from phi3v_ort.loading import load_model  # noqa: E402
@@ -382,7 +381,7 @@ def gil_probe(model, rounds: int) -> dict:
                                                        kv.share_buffer))
             generator = og.Generator(model.og_model, params)
             named = inputs.to_og()
-            probe("set_inputs", lambda: generator.set_inputs(named))
+            probe("set_inputs", lambda g=generator: g.set_inputs(named))
             probe("first_token", generator.generate_next_token)
             probe("later_token", generator.generate_next_token)
             del generator
@@ -528,11 +527,7 @@ def main() -> None:
     print("GIL probe ...", file=sys.stderr, flush=True)
     result["gil_probe"] = gil_probe(model, args.overlap_rounds)
     result["convoy"] = convoy(model, images, args.reps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from dataclasses import replace
@@ -22,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from PIL import Image  # noqa: E402
 
-from phi3v_ort.bench.common import bare_og_generate, chart_image, environment, image_input, photo_image, summarize  # noqa: E402
+from phi3v_ort.bench.common import (  # noqa: E402
+    bare_og_generate, chart_image, environment, image_input, photo_image, summarize, write_result)
 from phi3v_ort.generation import Finished, prepare, stream  # noqa: E402
 from phi3v_ort.images import load_image  # noqa: E402
 from phi3v_ort.kv_cache import KVCachePolicy  # noqa: E402
@@ -167,11 +167,7 @@ def main() -> None:
     result["share_buffer"] = share_buffer_on_off(model, args.reps, args.max_new_tokens * 2)
     print("preprocessing by image size ...", file=sys.stderr)
     result["preprocessing"] = preprocessing_by_size(model, args.reps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from phi3v_ort import guidance as G  # noqa: E402
-from phi3v_ort.bench.common import chart_image, environment, image_input, summarize  # noqa: E402
+from phi3v_ort.bench.common import chart_image, environment, image_input, summarize, write_result  # noqa: E402
 from phi3v_ort.generation import Finished, stream  # noqa: E402
 from phi3v_ort.loading import load_model  # noqa: E402
 from phi3v_ort.settings import GenerationSettings, create_generator  # noqa: E402
@@ -164,11 +164,7 @@ def main() -> None:
                            "crops": args.crops, "question": QUESTION, "threads": model.threads},
               "setup": setup_times(model, args.model_dir, args.reps),
               "decode": decode_rates(model, args.reps, args.max_new_tokens, args.crops)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from PIL import Image
 from phi3v_ort import contract
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.pixels import CLIP_MEAN, CLIP_STD, prepare_image
-from phi3v_ort.prompt import Control, Image as ImageSeg, answer_turn, build_prompt, render, system_turn, user_turn
+from phi3v_ort.prompt import Control, answer_turn, build_prompt, render, system_turn, user_turn
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 REAL_TOKENIZER = REFERENCE / "phi-3-vision-tokenizer"

@@ -11,7 +11,7 @@ from phi3v_ort import guidance as G
 from phi3v_ort.cli import cli
 from phi3v_ort.conversation import Conversation
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.generation import Finished, Notice, generate
+from phi3v_ort.generation import Notice, generate
 from phi3v_ort.images import load_image
 from phi3v_ort.loading import load_model
 from phi3v_ort.openai_request import ApiError, parse_request

@@ -48,7 +48,6 @@ import os
 import stat
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -448,7 +447,7 @@ def run_batch(pool, pipeline, items: list[Item], output: Path, settings: Generat
             while running:
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in finished:
-                    item = running.pop(future)
+                    running.pop(future)
                     row = future.result()
                     if "error" in row:
                         progress.failed += 1

@@ -52,7 +52,7 @@ from starlette.routing import Route
 from .conversation import ContextTooLong, transcript
 from .errors import Phi3vError
 from .generation import Finished, Notice, TokenEvent
-from .images import decode, load_image
+from .images import load_image
 from .inputs import make_pipeline
 from .loading import PackageInfo, open_inputs, read_package
 from .openai_request import ApiError, ImageRef, ParsedRequest, StopStringFilter, parse_json_body, parse_request

@@ -7,12 +7,14 @@ Every benchmark in benchmarks/ uses these, so both sides of a comparison are tim
 from __future__ import annotations
 
 import io
+import json
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -99,6 +101,15 @@ def photo_image(width: int = 800, height: int = 600, seed: int = 2) -> bytes:
     base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
     arr = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     return _png(Image.fromarray(arr, "RGB"))
+
+
+def write_result(out: str | Path, result: dict, markdown_text: str) -> None:
+    """A benchmark's result as OUT.json (every sample, settings, versions) and OUT.md, and the table on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown_text)
+    print(markdown_text)
 
 
 def _png(img: Image.Image) -> bytes:
