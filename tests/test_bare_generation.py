@@ -4,11 +4,8 @@ import onnxruntime_genai as og
 import pytest
 
 
-def bare_generate(model, prompt, image_paths, max_new_tokens=12):
-    processor = model.create_multimodal_processor()
-    images = og.Images.open(*map(str, image_paths)) if image_paths else None
-    inputs = processor(prompt, images=images)
-    prompt_len = inputs["input_ids"].as_numpy().shape[1]
+def _greedy(model, inputs, prompt_len, max_new_tokens):
+    """og's own loop: the generator's default search (greedy), until done or the budget."""
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt_len + max_new_tokens)
     gen = og.Generator(model, params)
@@ -17,7 +14,16 @@ def bare_generate(model, prompt, image_paths, max_new_tokens=12):
     while not gen.is_done():
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
-    return inputs["input_ids"].as_numpy(), tokens
+    return tokens
+
+
+def bare_generate(model, prompt, image_paths, max_new_tokens=12):
+    """og's loop on og's own processor."""
+    processor = model.create_multimodal_processor()
+    images = og.Images.open(*map(str, image_paths)) if image_paths else None
+    inputs = processor(prompt, images=images)
+    ids = inputs["input_ids"].as_numpy()
+    return ids, _greedy(model, inputs, ids.shape[1], max_new_tokens)
 
 
 def bare_generate_arrays(model, arrays, max_new_tokens=12):
@@ -25,15 +31,7 @@ def bare_generate_arrays(model, arrays, max_new_tokens=12):
     inputs = og.NamedTensors()
     for name, value in arrays.items():
         inputs[name] = value
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=arrays["input_ids"].shape[1] + max_new_tokens)
-    gen = og.Generator(model, params)
-    gen.set_inputs(inputs)
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
+    return _greedy(model, inputs, arrays["input_ids"].shape[1], max_new_tokens)
 
 
 def _prompt(n_images, question):
