@@ -29,9 +29,9 @@ needs_build = pytest.mark.skipif(bool(MISSING_BUILD_DEPS),
 # fixture; each is built once per run, by the script, and shared.
 SYNTHETIC = {
     "tiny-int4-cpu": (),  # the committed fixture's recipe
-    "tiny-int4-cuda": ("--provider", "cuda"),
-    "tiny-fp32-cpu": ("--precision", "fp32"),
-    "tiny-fp32-cpu-phi35": ("--precision", "fp32", "--names", "phi-3.5"),
+    "tiny-int4-cuda": ("--variant", "gpu-int4"),
+    "tiny-fp32-cpu": ("--variant", "cpu-fp32"),
+    "tiny-fp32-cpu-phi35": ("--variant", "cpu-fp32", "--family", "phi-3.5"),
 }
 
 

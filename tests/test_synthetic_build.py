@@ -46,18 +46,25 @@ def test_regenerated_fixture_matches_the_committed_one(rebuilt, tiny_dir, tiny_m
         "the committed fixture is stale: rebuild it with scripts/make_synthetic_model.py --preset tiny"
     ckpt = rebuilt.with_name(rebuilt.name + ".checkpoint")
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model_type"] == "phi3_v" and (ckpt / "model.safetensors").stat().st_size > 0
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    assert config["model_type"] == "phi3_v" and config["rope_scaling"]["type"] == "su"
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    assert any(k.startswith("model.vision_embed_tokens.img_processor.vision_model.") for k in index["weight_map"])
 
 
 @pytest.mark.parametrize("size", [(640, 400), (300, 700), (1, 1)])
-def test_vision_onnx_equals_the_torch_module(tiny_dir, tiny_model, png, size):
+def test_vision_onnx_equals_the_torch_module(tiny_dir, tiny_model, png, size, tmp_path):
     """The exported vision model computes exactly what reference.Phi3VImageEmbedding does, HD layout included."""
     import torch
 
-    from phi3v_ort.synthetic.package import make_modules
+    from phi3v_ort.export.checkpoint import Checkpoint
+    from phi3v_ort.export.components import load_modules
     from phi3v_ort.synthetic.presets import PRESETS
+    from phi3v_ort.synthetic.random_checkpoint import write_random_checkpoint
 
-    _, image_module, _ = make_modules(PRESETS["tiny"], seed=0)
+    # the committed fixture's checkpoint (seed 0), written again: the test above pins that it is the same
+    image_module, _ = load_modules(Checkpoint.open(write_random_checkpoint(tmp_path / "ckpt", PRESETS["tiny"])))
     processor = tiny_model.create_multimodal_processor()
     inputs = processor(_prompt(2, "x"), images=og.Images.open(str(png(*size, seed=1)), str(png(336, 700, seed=2))))
     pixel_values = inputs["pixel_values"].as_numpy()

@@ -178,100 +178,44 @@ def test_sdpa_reference_matches_eager(built, reference, runtime_model, png):
     assert float((sdpa_trace.step_logits - eager.step_logits).abs().max()) <= LOGIT_RTOL * scale
 
 
-# -- the real checkpoint's layout --------------------------------------------------------------------------------
+# -- the other checkpoint layout ---------------------------------------------------------------------------------
 
-def write_real_layout(ckpt, out, shards=2):
-    """`ckpt` rewritten as microsoft/Phi-3-vision-128k-instruct lays it out: its config.json format (rope_scaling
-    "su", top-level rope_theta, img_processor, no vision_config, auto_map, flash-attention, bf16 dtype label) and
-    the tensors split into `model-0000k-of-0000n.safetensors` shards with an index, under the real names: the
-    CLIP tower as `model.vision_embed_tokens.img_processor.vision_model.*` (transformers 4.x's CLIPVisionModel,
-    which the real checkpoint was saved with; transformers 5 -- hence the synthetic checkpoint -- drops the inner
-    `vision_model.`)."""
-    from safetensors import safe_open
+def write_flat_layout(ckpt, out):
+    """`ckpt` (the real published layout: shards, index, `rope_scaling: {"type": "su"}`, the CLIP tower nested under
+    `...img_processor.vision_model.`) rewritten as transformers 5 saves these modules: one model.safetensors,
+    the CLIP tower flat (`...img_processor.<...>`), `rope_parameters` instead of rope_scaling + rope_theta."""
     from safetensors.torch import save_file
 
-    synthetic = json.loads((ckpt / "config.json").read_text())
-    rope = synthetic["rope_parameters"]
-    config = {
-        "_name_or_path": "Phi-3-vision-128k-instruct",
-        "architectures": ["Phi3VForCausalLM"],
-        "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
-                     "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
-        "bos_token_id": 1,
-        "embd_layer": synthetic["embd_layer"],
-        "embd_pdrop": 0.0,
-        "eos_token_id": 2,  # the real config.json names </s>; <|end|> comes from the tokenizer (see _eos_ids)
-        "hidden_act": "silu",
-        "hidden_size": synthetic["hidden_size"],
-        "img_processor": synthetic["img_processor"],
-        "initializer_range": 0.02,
-        "intermediate_size": synthetic["intermediate_size"],
-        "max_position_embeddings": synthetic["max_position_embeddings"],
-        "model_type": "phi3_v",
-        "num_attention_heads": synthetic["num_attention_heads"],
-        "num_hidden_layers": synthetic["num_hidden_layers"],
-        "num_key_value_heads": synthetic["num_key_value_heads"],
-        "original_max_position_embeddings": synthetic["original_max_position_embeddings"],
-        "resid_pdrop": 0.0,
-        "rms_norm_eps": synthetic["rms_norm_eps"],
-        "rope_scaling": {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"},
-        "rope_theta": rope["rope_theta"],
-        "sliding_window": synthetic["max_position_embeddings"],
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.38.1",
-        "use_cache": True,
-        "vocab_size": synthetic["vocab_size"],
-        "_attn_implementation": "flash_attention_2",
-    }
-    assert "vision_config" not in config
+    from phi3v_ort.torch_reference import decoder_config, iter_checkpoint
+
+    real = json.loads((ckpt / "config.json").read_text())
+    config = {k: v for k, v in real.items() if k not in ("rope_scaling", "rope_theta", "auto_map")}
+    config["rope_parameters"] = decoder_config(real, __import__("torch").float32, "eager").rope_parameters
     out.mkdir()
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    flat, nested = "model.vision_embed_tokens.img_processor.", "model.vision_embed_tokens.img_processor.vision_model."
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        tensors = {(nested + k[len(flat):] if k.startswith(flat) and not k.startswith(nested) else k): f.get_tensor(k)
-                   for k in f.keys()}
-    assert any(k.startswith(nested) for k in tensors)
-    names = sorted(tensors)
-    weight_map, total = {}, 0
-    for k in range(shards):
-        part = names[k::shards]
-        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in part}, str(out / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in part})
-        total += sum(tensors[n].numel() * tensors[n].element_size() for n in part)
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    tensors = {name: tensor for name, _, tensor in iter_checkpoint(ckpt)}
+    assert not any(".img_processor.vision_model." in k for k in tensors)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def _tiny_clip_override(ckpt):
-    """The synthetic CLIP's dims, given explicitly (the real layout implies ViT-L/14-336)."""
-    vision = json.loads((ckpt / "config.json").read_text())["vision_config"]
-    return {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
-
-
-def test_real_checkpoint_layout_loads_and_generates_the_same(built, reference, runtime_model, results, png, tmp_path):
+def test_both_checkpoint_layouts_load_and_generate_the_same(built, reference, runtime_model, results, png, tmp_path):
     import torch
 
     from phi3v_ort.generation import prepare
     from phi3v_ort.torch_reference import CheckpointError, Phi3VisionReference
 
     ckpt = built.with_name(built.name + ".checkpoint")
-    real = write_real_layout(ckpt, tmp_path / "Phi-3-vision-128k-instruct")
+    real = json.loads((ckpt / "config.json").read_text())
+    assert real["rope_scaling"]["type"] == "su" and "rope_parameters" not in real
+    assert reference.decoder.config.rope_parameters["rope_type"] == "longrope"
+    assert reference.decoder.config.rope_parameters["original_max_position_embeddings"] == 4096
+    assert reference.vision.img_processor.config.hidden_act == "quick_gelu"
+    assert 32007 in reference.eos_token_ids and 2 in reference.eos_token_ids
 
-    # Without the override the loader assumes ViT-L/14-336 and says exactly what does not fit.
-    with pytest.raises(CheckpointError, match="image_dim_out|shape mismatch"):
-        Phi3VisionReference.from_checkpoint(real)
-
-    loaded = Phi3VisionReference.from_checkpoint(real, clip_config=_tiny_clip_override(ckpt))
-    assert loaded.decoder.config.rope_parameters["rope_type"] == "longrope"
-    assert loaded.decoder.config.rope_parameters["original_max_position_embeddings"] == 4096
-    assert loaded.vision.img_processor.config.hidden_act == "quick_gelu"
-    assert 32007 in loaded.eos_token_ids and 2 in loaded.eos_token_ids
-    ours = reference.state_dict()
-    theirs = loaded.state_dict()
+    flat = write_flat_layout(ckpt, tmp_path / "flat")
+    loaded = Phi3VisionReference.from_checkpoint(flat)
+    ours, theirs = reference.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
     for name, value in ours.items():
         assert torch.equal(value, theirs[name]), name
@@ -283,6 +227,15 @@ def test_real_checkpoint_layout_loads_and_generates_the_same(built, reference, r
     expected = results.get("one-image") or reference.generate_greedy(ids, pixel_values, image_sizes, NEW_TOKENS)
     assert loaded.generate_greedy(ids, pixel_values, image_sizes, NEW_TOKENS) == expected
 
+    # Without `vision_config` (the real config.json has none) the loader assumes ViT-L/14-336 and says what does not fit.
+    no_dims = tmp_path / "no-vision-config"
+    shutil.copytree(flat, no_dims)
+    config = json.loads((no_dims / "config.json").read_text())
+    del config["vision_config"]
+    (no_dims / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="image_dim_out|shape mismatch"):
+        Phi3VisionReference.from_checkpoint(no_dims)
+
 
 def test_loader_lists_missing_and_unexpected_keys(built, tmp_path):
     from safetensors import safe_open
@@ -290,7 +243,7 @@ def test_loader_lists_missing_and_unexpected_keys(built, tmp_path):
 
     from phi3v_ort.torch_reference import CheckpointError, Phi3VisionReference
 
-    ckpt = built.with_name(built.name + ".checkpoint")
+    ckpt = write_flat_layout(built.with_name(built.name + ".checkpoint"), tmp_path / "flat")
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(ckpt / "config.json", broken / "config.json")

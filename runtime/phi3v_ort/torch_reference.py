@@ -329,6 +329,73 @@ class Phi3VisionReference(nn.Module):
         vision.to(device).eval()
         return cls(vision, decoder, eos_token_ids=_eos_ids(cfg, path))
 
+    def apply_adapter(self, path: str | Path) -> Phi3VisionReference:
+        """Apply a PEFT LoRA adapter folder in place, with peft itself (the oracle of the exporter's own merge,
+        `export.adapter`), and return self: afterwards `decoder` and `vision` compute the adapted model.
+
+        peft injects into a throwaway module whose names spell the checkpoint's (`model.layers...`,
+        `model.vision_embed_tokens...`, `lm_head`) over this reference's own submodules, so the LoRA layers it
+        puts on their parents are the ones this reference's forward runs. The adapter's keys are parsed and
+        checked (refusals included) by `export.adapter.LoraAdapter.open`; per-module rank and alpha are resolved
+        with peft's `get_pattern_key` on the names the adapter was trained with and handed to peft as exact names.
+        Missing or unexpected adapter keys are an error.
+        """
+        import dataclasses
+
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft.utils.other import get_pattern_key
+
+        from .export.adapter import AdapterError, LoraAdapter
+
+        if getattr(self, "_adapter_path", None) is not None:
+            raise ValueError(f"an adapter ({self._adapter_path}) is already applied to this reference")
+        adapter = LoraAdapter.open(path)
+        decoder = self.decoder.model
+        mirror = nn.Module()
+        mirror.model = nn.Module()
+        for name in ("embed_tokens", "layers", "norm"):
+            setattr(mirror.model, name, getattr(decoder, name))
+        mirror.model.vision_embed_tokens = self.vision
+        mirror.lm_head = self.decoder.lm_head
+        modules = {_normalise_key(n, False): n for n, _ in mirror.named_modules() if n}
+
+        config = LoraConfig.from_pretrained(str(adapter.path))
+        state: dict[str, torch.Tensor] = {}
+        targets: list[str] = []
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for name, module in adapter.modules.items():
+            target = modules.get(name.removesuffix(".weight"))
+            if target is None:
+                raise AdapterError(f"the adapter {adapter.path} targets {name}, which the reference does not have")
+            targets.append(target)
+            state[f"{target}.lora_A.weight"] = module.lora_A
+            state[f"{target}.lora_B.weight"] = module.lora_B
+            # peft matches the patterns against the module's name at training time, which may be spelled
+            # differently from the mirror's (nested CLIP, bare prefixes): resolve them there, pass exact names.
+            r_key = get_pattern_key((config.rank_pattern or {}).keys(), module.source)
+            alpha_key = get_pattern_key((config.alpha_pattern or {}).keys(), module.source)
+            ranks[re.escape(target)] = (config.rank_pattern or {}).get(r_key, config.r)
+            alphas[re.escape(target)] = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
+        config = dataclasses.replace(config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas,
+                                     layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+                                     lora_dropout=0.0, inference_mode=True)
+        inject_adapter_in_model(config, mirror)
+        result = set_peft_model_state_dict(mirror, state)
+        missing = sorted(k for k in result.missing_keys if ".lora_" in k)
+        if missing or result.unexpected_keys:
+            raise AdapterError(f"peft could not load {adapter.path} into the reference: missing "
+                               f"{missing[:3]}, unexpected {sorted(result.unexpected_keys)[:3]}")
+        # A layer that is a direct child of the mirror's own containers was replaced on the mirror: put it back.
+        for name in ("embed_tokens", "layers", "norm"):
+            setattr(decoder, name, getattr(mirror.model, name))
+        self.vision = mirror.model.vision_embed_tokens
+        self.decoder.lm_head = mirror.lm_head
+        self._text[0].embed_tokens = self.decoder.get_input_embeddings()
+        self._adapter_path = adapter.path
+        self.eval()
+        return self
+
     # -- pieces --------------------------------------------------------------------------------------------------
 
     @property

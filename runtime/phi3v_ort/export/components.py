@@ -1,0 +1,85 @@
+"""The vision and embedding models: transformers-native torch modules (reference.py) loaded from the checkpoint and
+exported to ONNX with the release's input and output names, weights in `<name>.onnx.data` beside each."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import contract
+from ..reference import Phi3VImageEmbedding, Phi3VTextEmbedding
+from ..torch_reference import EMBED_TOKENS, VISION_PREFIX, _construction, _normalise_key
+from .checkpoint import Checkpoint
+
+OPSET = 17
+
+
+def load_modules(ckpt: Checkpoint, adapter=None) -> tuple[Phi3VImageEmbedding, Phi3VTextEmbedding]:
+    """The image embedding and the text embedding in float32, filled from the checkpoint (the vision tower and
+    the token embedding only: a few hundred MB even for the full model), the adapter merged where it applies."""
+    dec = ckpt.decoder_config()
+    with _construction(torch.float32, "cpu"):
+        image = Phi3VImageEmbedding(ckpt.clip_config(), dec.hidden_size)
+        text = Phi3VTextEmbedding(dec.vocab_size, dec.hidden_size)
+    targets = {_normalise_key(VISION_PREFIX + k, False): v for k, v in image.state_dict(keep_vars=True).items()}
+    targets[EMBED_TOKENS] = text.embed_tokens.weight
+    with torch.no_grad():
+        for name, tensor in ckpt.iter_tensors(lambda n: n in targets):
+            targets[name].copy_(adapter.merge(name, tensor) if adapter is not None else tensor)
+    return image.eval(), text.eval()
+
+
+def save_onnx(model_proto, path: Path) -> None:
+    """Save with all weights in `<name>.data` beside it, as the release does."""
+    import onnx
+
+    data = path.name + ".data"
+    for stale in (path, path.with_name(data)):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=0)
+
+
+def _export(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_axes: dict) -> None:
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        # the tracer's notes on the HD layout's shape arithmetic: the layout is pure tensor arithmetic and the
+        # exported graph is checked against the module for several image sizes (tests/test_synthetic_build.py)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        tmp_path = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(tmp_path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        save_onnx(onnx.load(str(tmp_path)), path)
+
+
+def export_vision(image: Phi3VImageEmbedding, path: Path, float16: bool) -> None:
+    module = image.half() if float16 else image
+    dtype = torch.float16 if float16 else torch.float32
+    pixel_values = torch.randn(2, contract.PIXEL_CROPS, 3, contract.CROP_SIZE, contract.CROP_SIZE, dtype=dtype)
+    image_sizes = torch.tensor([[672, 1008], [336, 336]], dtype=torch.int64)
+    names = contract.VISION_INPUTS
+    out = contract.VISION_OUTPUTS["image_features"]
+    _export(module, (pixel_values, image_sizes), path, [names["pixel_values"], names["image_sizes"]], [out],
+            {names["pixel_values"]: {0: "num_images"}, names["image_sizes"]: {0: "num_images"},
+             out: {0: "num_image_tokens"}})
+
+
+def export_embedding(text: Phi3VTextEmbedding, path: Path, float16: bool) -> None:
+    module = text.half() if float16 else text
+    dtype = torch.float16 if float16 else torch.float32
+    hidden = text.embed_tokens.weight.shape[1]
+    input_ids = torch.tensor([[1, 32010, -1, -1, -1, 29871, -2, -2, 13]], dtype=torch.int64)
+    image_features = torch.randn(5, hidden, dtype=dtype)
+    names = contract.EMBEDDING_INPUTS
+    out = contract.EMBEDDING_OUTPUTS["inputs_embeds"]
+    _export(module, (input_ids, image_features), path, [names["input_ids"], names["image_features"]], [out],
+            {names["input_ids"]: {0: "batch_size", 1: "sequence_length"},
+             names["image_features"]: {0: "num_image_tokens"},
+             out: {0: "batch_size", 1: "sequence_length"}})

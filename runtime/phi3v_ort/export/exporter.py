@@ -1,0 +1,166 @@
+"""checkpoint folder (+ LoRA adapter) -> a package in the release's layout, then a check against the torch reference.
+
+    export_checkpoint(checkpoint, out, variant="cpu-int4", adapter=None)
+
+Order, chosen for memory (a full-size model must fit 24 GB): read and check every header first (nothing is loaded
+for a checkpoint that cannot be exported); the vision tower and token embedding (float32, ~2 GB for the full
+model), exported and freed; the decoder staged a shard's worth at a time, then onnxruntime-genai's builder in a
+child process; the side files. Everything is written into a staging folder beside `out` and moved into place only
+when complete: an existing `out` is never touched unless `overwrite`, and then only replaced at the very end.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import contract
+from .checkpoint import Checkpoint
+from .memory import PeakMemory
+from .variants import VARIANTS, Variant
+
+NAME_STYLES = {"phi-3": contract.PHI3_FILE_NAMES, "phi-3.5": contract.PHI35_FILE_NAMES}
+
+
+class ExportError(RuntimeError):
+    """The export cannot go on; one sentence."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    variant: str
+    family: str
+    adapter: str | None
+    phases_s: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_bytes: int | None = None  # the export (this process and the builder), not the check
+    check_peak_rss_bytes: int | None = None
+    check: object | None = None  # check.CheckReport, when the check ran
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["check"] = self.check.to_dict() if self.check is not None else None
+        return d
+
+
+def _log(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} already exists and is not empty (choose another folder, or pass "
+                          f"--overwrite to replace it once the new package is complete)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "cpu-int4",
+                      adapter: str | Path | None = None, family: str = "auto", check: bool = True,
+                      overwrite: bool = False, threads: int | None = None, log=_log) -> ExportResult:
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    v: Variant = VARIANTS[variant]
+    out = Path(out).expanduser().resolve()
+    prepare_out(out, overwrite)
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    with PeakMemory() as peak:
+        ckpt = Checkpoint.open(checkpoint, family)
+        lora = None
+        if adapter is not None:
+            from .adapter import LoraAdapter
+
+            lora = LoraAdapter.open(adapter)
+            lora.check_against(ckpt.shapes())
+        names = NAME_STYLES[ckpt.family]
+        dec = ckpt.decoder_config()
+        log(f"{ckpt.path.name}: {ckpt.family}, decoder {dec.num_hidden_layers}x{dec.hidden_size}, "
+            f"{len(ckpt.tensors)} tensors ({ckpt.dtype}); variant {v.name}"
+            + (f", adapter {Path(adapter).name}" if adapter else ""))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+        try:
+            t = time.perf_counter()
+            _export_embeddings(ckpt, lora, staging, names, v, log)
+            phases["vision_and_embedding"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            from .decoder import build_decoder, stage_decoder
+
+            log("decoder: staging the weights for onnxruntime-genai's model builder")
+            dtype = stage_decoder(ckpt, work / "hf", lora)
+            if lora is not None and lora.unmerged():
+                raise ExportError(f"the adapter targets {sorted(lora.unmerged())[0]}, which the export never saw")
+            phases["decoder_staging"] = time.perf_counter() - t
+            t = time.perf_counter()
+            log(f"decoder: running the model builder ({v.precision}, {v.provider}; weights staged as {dtype})")
+            built = build_decoder(work / "hf", staging, v, names.decoder, work)
+            phases["decoder_builder"] = time.perf_counter() - t
+            shutil.rmtree(work, ignore_errors=True)
+
+            from .metadata import copy_tokenizer, genai_config, processor_config, write_json
+
+            write_json(staging / "genai_config.json", genai_config(built, ckpt, names))
+            write_json(staging / "processor_config.json", processor_config())
+            copy_tokenizer(ckpt, staging)
+            replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        phases["export"] = time.perf_counter() - started
+        log(f"exported {out} in {phases['export']:.0f}s")
+
+    report, check_peak = None, None
+    if check:
+        from .check import check_package
+
+        t = time.perf_counter()
+        with PeakMemory() as during_check:
+            report = check_package(out, ckpt.path, adapter_dir=adapter, precision=v.precision, threads=threads,
+                                   log=log)
+        phases["check"] = time.perf_counter() - t
+        check_peak = during_check.peak_rss
+    return ExportResult(path=out, variant=v.name, family=ckpt.family, adapter=str(adapter) if adapter else None,
+                        phases_s={k: round(s, 2) for k, s in phases.items()},
+                        seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=peak.peak_rss,
+                        check_peak_rss_bytes=check_peak, check=report)
+
+
+def _export_embeddings(ckpt: Checkpoint, lora, staging: Path, names, v: Variant, log) -> None:
+    from .components import export_embedding, export_vision, load_modules
+
+    log("vision and embedding: loading the vision tower and token embedding")
+    image, text = load_modules(ckpt, lora)
+    log(f"vision: exporting CLIP + HD layout + projection ({'fp16' if v.io_float16 else 'fp32'} I/O)")
+    export_vision(image, staging / names.vision, v.io_float16)
+    del image
+    log("embedding: exporting")
+    export_embedding(text, staging / names.embedding, v.io_float16)
+    del text
+    gc.collect()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished folder into place; the old one is removed only after the new one is there."""
+    new.chmod(0o755)  # mkdtemp made it private
+    for f in new.iterdir():
+        f.chmod(0o644)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
