@@ -47,7 +47,7 @@ def export_once(ckpt: Path, out: Path, variant: str, check: bool) -> dict:
         raise SystemExit(f"export failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
     result["command_wall_s"] = round(wall, 2)
-    result["outside_peak_rss_bytes"] = outside.peak_rss
+    result["outside_peak_pss_bytes"] = outside.peak_pss
     return result
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     t = time.perf_counter()
     with PeakMemory() as writing:
         write_random_checkpoint(ckpt, PRESETS[args.preset], "phi-3", seed=0)
-    checkpoint = {"seconds": round(time.perf_counter() - t, 2), "peak_rss_bytes": writing.peak_rss,
+    checkpoint = {"seconds": round(time.perf_counter() - t, 2), "peak_pss_bytes": writing.peak_pss,
                   "bytes_on_disk": sum(f.stat().st_size for f in ckpt.iterdir())}
     print(f"checkpoint: {checkpoint}", file=sys.stderr, flush=True)
 
@@ -81,7 +81,7 @@ def main() -> None:
         runs[v] = []
         for rep in range(args.reps):
             r = export_once(ckpt, work / v, v, check=rep == 0)
-            print(f"{v} #{rep + 1}: {r['phases_s']}, peak {r['peak_rss_bytes'] / GIB:.2f} GiB", file=sys.stderr,
+            print(f"{v} #{rep + 1}: {r['phases_s']}, peak {r['peak_pss_bytes'] / GIB:.2f} GiB", file=sys.stderr,
                   flush=True)
             runs[v].append(r)
     if not args.keep:
@@ -89,27 +89,31 @@ def main() -> None:
 
     rows = []
     summary = {}
+    phase_names = ("vision_and_embedding", "decoder_staging", "decoder_builder", "decoder_quantize", "decoder_place")
     for v, rs in runs.items():
         s = {
             "export_s": summarize([r["phases_s"]["export"] for r in rs]),
-            "vision_and_embedding_s": summarize([r["phases_s"]["vision_and_embedding"] for r in rs]),
-            "decoder_staging_s": summarize([r["phases_s"]["decoder_staging"] for r in rs]),
-            "decoder_builder_s": summarize([r["phases_s"]["decoder_builder"] for r in rs]),
+            **{f"{ph}_s": summarize([r["phases_s"][ph] for r in rs]) for ph in phase_names if ph in rs[0]["phases_s"]},
             "command_wall_s": summarize([r["command_wall_s"] for r in rs]),
-            "peak_rss_gib": summarize([r["peak_rss_bytes"] / GIB for r in rs]),
-            "outside_peak_rss_gib": summarize([r["outside_peak_rss_bytes"] / GIB for r in rs]),
+            "peak_pss_gib": summarize([r["peak_pss_bytes"] / GIB for r in rs]),
+            "peak_system_used_gib": summarize([r["peak_system_used_bytes"] / GIB for r in rs]),
+            "outside_peak_pss_gib": summarize([r["outside_peak_pss_bytes"] / GIB for r in rs]),
+            "phase_peak_pss_gib": {ph: max(r["phase_peak_pss_bytes"].get(ph, 0) for r in rs) / GIB
+                                   for ph in phase_names if ph in rs[0]["phase_peak_pss_bytes"]},
             "check_s": rs[0]["phases_s"].get("check"),
-            "check_peak_rss_gib": (rs[0]["check_peak_rss_bytes"] or 0) / GIB,
+            "check_peak_pss_gib": (rs[0]["check_peak_pss_bytes"] or 0) / GIB,
             "check": rs[0]["check"],
         }
         summary[v] = s
         check = s["check"] or {}
+        last = "decoder_quantize" if "decoder_quantize_s" in s else "decoder_place"
+        phases = ", ".join(f"{ph.replace('decoder_', '')} {gib:.1f}" for ph, gib in s["phase_peak_pss_gib"].items())
         rows.append(f"| {v} | {s['export_s']['median']:.1f} | {s['vision_and_embedding_s']['median']:.1f} | "
                     f"{s['decoder_staging_s']['median']:.1f} | {s['decoder_builder_s']['median']:.1f} | "
-                    f"{s['peak_rss_gib']['median']:.2f} (max {max(s['peak_rss_gib']['samples']):.2f}) | "
-                    f"{s['check_s']:.1f} | {s['check_peak_rss_gib']:.2f} | "
-                    f"{check.get('agreement')}/{check.get('steps')}, rel {check.get('relative_diff', float('nan')):.2g}"
-                    f" ({check.get('verdict') or check.get('passed')}) |")
+                    f"{s[last + '_s']['median']:.1f} | **{max(s['peak_pss_gib']['samples']):.2f}** ({phases}) | "
+                    f"{max(s['peak_system_used_gib']['samples']):.2f} | {s['check_s']:.1f} | "
+                    f"{s['check_peak_pss_gib']:.2f} | {check.get('agreement')}/{check.get('steps')}, rel "
+                    f"{check.get('relative_diff') or float('nan'):.2g} ({check.get('passed')}) |")
     p = PRESETS[args.preset]
     command = "python benchmarks/export_cost.py " + " ".join(sys.argv[1:])
     md = "\n".join([
@@ -119,15 +123,18 @@ def main() -> None:
         f"`{command}`",
         "",
         f"Random checkpoint in the real layout (bfloat16, 2 shards): {checkpoint['bytes_on_disk'] / 1e9:.2f} GB, "
-        f"written in {checkpoint['seconds']:.1f} s, peak {checkpoint['peak_rss_bytes'] / GIB:.2f} GiB.",
+        f"written in {checkpoint['seconds']:.1f} s, peak {checkpoint['peak_pss_bytes'] / GIB:.2f} GiB.",
         "",
-        f"Medians of {args.reps} export(s) per variant, each a fresh `phi3v-ort export` process; peak = resident set "
-        "of the export process + the model builder's, sampled every 50 ms. The check ran once per variant (the "
-        "first export).",
+        f"Medians of {args.reps} export(s) per variant, each a fresh `phi3v-ort export` process. Peak: the export's "
+        "process tree (PSS: the export process, its vision-export child and the model builder), the largest of "
+        "the runs, with each phase's peak; machine used: MemTotal - MemAvailable at its highest (includes this "
+        "benchmark's own process and the page cache the kernel cannot drop). The check ran once per variant (the "
+        "first export); passed: True/False for fp32, None (report only) for int4/fp16.",
         "",
-        "| variant | export s | vision + embedding s | decoder staging s | builder s | peak GiB | check s | "
-        "check peak GiB | check: top-1 agreement, relative logit diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | export s | vision + embedding s | decoder staging s | builder s | int4 quantize (or place) s | "
+        "peak GiB (per phase) | machine used GiB | check s | check peak GiB | check: top-1 agreement, relative "
+        "logit diff (passed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

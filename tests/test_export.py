@@ -108,7 +108,9 @@ def test_int4_export_from_the_command_line_loads_runs_and_reports_its_check(phi3
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["variant"] == "cpu-int4" and result["family"] == "phi-3" and Path(result["path"]) == out
-    assert result["peak_rss_bytes"] > 100 * 2**20 and result["phases_s"]["decoder_builder"] > 0
+    assert result["peak_pss_bytes"] > 100 * 2**20 and result["phases_s"]["decoder_builder"] > 0
+    assert set(result["phase_peak_pss_bytes"]) == {"vision_and_embedding", "decoder_staging", "decoder_builder",
+                                                   "decoder_quantize"}
     check = result["check"]
     assert check["precision"] == "int4" and check["passed"] is None and check["finite"]
     assert check["steps"] == 32 and 0 <= check["agreement"] <= 32

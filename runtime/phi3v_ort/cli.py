@@ -929,7 +929,7 @@ def export_cmd(checkpoint: str, out: str, variant: str, adapter: str | None, fam
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        peak = f", peak memory {result.peak_rss_bytes / 2**30:.1f} GiB" if result.peak_rss_bytes else ""
+        peak = f", peak memory {result.peak_pss_bytes / 2**30:.1f} GiB" if result.peak_pss_bytes else ""
         click.echo(f"exported {result.family} {result.variant} in {result.phases_s['export']:.0f}s{peak}", err=True)
         if result.check is not None:
             click.echo(result.check.summary(), err=True)

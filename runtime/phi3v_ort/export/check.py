@@ -22,7 +22,6 @@ transformers, safetensors, onnx).
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import math
@@ -33,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .memory import release_memory
 
 PRECISIONS = ("fp32", "fp16", "int4")
 # fp32 packages pass when max |og - torch| <= FP32_RTOL * max |torch logit| (see check_package).
@@ -295,7 +296,7 @@ def _run_torch(checkpoint_dir: Path, adapter_dir: Path | None, run: _OgRun, thre
             run_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)
-        _release_memory()
+        release_memory()
     return logits, load_s, run_s
 
 
@@ -364,7 +365,7 @@ def check_package(package_dir: str | Path, checkpoint_dir: str | Path, *, adapte
         error = f"og could not run the package: {_describe(exc)}"
     # Outside the except block (whose traceback holds _run_og's frame): the og model is gone before torch loads,
     # as a full-size model does not fit twice.
-    _release_memory()
+    release_memory()
     if run is None:
         return failed(error)
     log(f"check: og ran {len(run.tokens)} steps in {run.run_s:.1f} s")
@@ -405,19 +406,6 @@ def check_package(package_dir: str | Path, checkpoint_dir: str | Path, *, adapte
                          torch_run_s=torch_run_s)
     return report  # the caller prints report.summary()
 
-
-def _release_memory() -> None:
-    """Collect garbage, then hand glibc's freed heap back to the system: og frees its model, but glibc keeps much
-    of it for reuse (measured on the small package: 400 MB resident after `del`, 266 MB after malloc_trim), and
-    torch's large tensors, mapped fresh, would not reuse it."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -32,6 +32,31 @@ def load_modules(ckpt: Checkpoint, adapter=None) -> tuple[Phi3VImageEmbedding, P
     return image.eval(), text.eval()
 
 
+def export_embeddings(checkpoint: str, family: str, adapter: str | None, staging: str, vision_file: str,
+                      embedding_file: str, float16: bool) -> list[str]:
+    """Vision and embedding models of the checkpoint into `staging`; returns the adapter targets merged here.
+    The exporter runs this in a child process of its own, so the memory of the tracing is the system's again
+    the moment it ends, before the decoder's builder starts."""
+    import sys
+
+    def log(msg: str) -> None:
+        print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+    ckpt = Checkpoint.open(checkpoint, family)
+    lora = None
+    if adapter is not None:
+        from .adapter import LoraAdapter
+
+        lora = LoraAdapter.open(adapter)
+    log("vision and embedding: loading the vision tower and token embedding")
+    image, text = load_modules(ckpt, lora)
+    log(f"vision: exporting CLIP + HD layout + projection ({'fp16' if float16 else 'fp32'} I/O)")
+    export_vision(image, Path(staging) / vision_file, float16)
+    log("embedding: exporting")
+    export_embedding(text, Path(staging) / embedding_file, float16)
+    return sorted(lora.merged_names) if lora is not None else []
+
+
 def save_onnx(model_proto, path: Path) -> None:
     """Save with all weights in `<name>.data` beside it, as the release does."""
     import onnx

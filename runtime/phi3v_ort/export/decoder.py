@@ -1,5 +1,6 @@
 """The text decoder: onnxruntime-genai's own model builder, exactly how the release's decoder was made
-(`Phi3VForCausalLM`: Phi-3-mini with LongRoPE, exclude_embeds=true; int4 RTN block 32 for the int4 variants).
+(`Phi3VForCausalLM`: Phi-3-mini with LongRoPE, exclude_embeds=true), then for the int4 variants int4 RTN block 32
+one weight at a time (quantize.py: byte for byte what the builder's own `-p int4` writes, without its 22 GB).
 
 The builder loads a transformers folder with `from_pretrained` (whole, in the dtype the folder's config names), so
 it gets a plain Phi-3 folder staged from the checkpoint: config.json for transformers' native Phi3 (the real
@@ -7,8 +8,8 @@ it gets a plain Phi-3 folder staged from the checkpoint: config.json for transfo
 written a shard's worth at a time, with the adapter merged -- and the tokenizer files.
 
 Memory: the builder holds the decoder in the staged dtype (the checkpoint's, bfloat16 for the real ones: 7.6 GB
-for the full model; float32 when an adapter was merged, so the merge is not rounded back to bfloat16) plus what it
-has quantised; the parent process holds nothing large while it runs.
+for the full model; float32 when an adapter was merged, so the merge is not rounded back to bfloat16) and writes
+the float graph a weight at a time; the parent process holds nothing large while it runs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint, is_decoder
-from .variants import Variant
+from .quantize import quantize_int4
+from .variants import INT4_BLOCK_SIZE, Variant
 
 FLUSH_BYTES = 1 << 30  # write a staged shard every ~1 GB
 
@@ -75,18 +77,27 @@ def stage_decoder(ckpt: Checkpoint, folder: Path, adapter=None) -> torch.dtype:
     return dtype
 
 
-def build_decoder(src: Path, out_dir: Path, variant: Variant, filename: str, work: Path) -> dict:
-    """Run the builder on the staged folder; moves `filename` (+ .data) into `out_dir`; returns the builder's
-    genai_config.json."""
+def run_builder(src: Path, variant: Variant, filename: str, work: Path) -> tuple[dict, Path]:
+    """Run the builder on the staged folder, in `variant.builder_precision`; returns its genai_config.json and the
+    decoder it wrote (float for the int4 variants: `finish_decoder` quantizes it)."""
     build_dir, cache_dir = work / "builder-out", work / "builder-cache"
-    extra = ["exclude_embeds=true", f"filename={filename}", *variant.builder_options()]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(build_dir),
-           "-p", variant.precision, "-e", variant.provider, "-c", str(cache_dir), "--extra_options", *extra]
+           "-p", variant.builder_precision, "-e", variant.provider, "-c", str(cache_dir),
+           "--extra_options", "exclude_embeds=true", f"filename={filename}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         raise BuilderError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}): "
                            f"{lines[-1] if lines else 'no output'}")
-    for name in (filename, filename + ".data"):
-        shutil.move(str(build_dir / name), str(out_dir / name))
-    return json.loads((build_dir / "genai_config.json").read_text())
+    return json.loads((build_dir / "genai_config.json").read_text()), build_dir / filename
+
+
+def finish_decoder(built: Path, out_dir: Path, variant: Variant) -> None:
+    """The builder's decoder into `out_dir` under the same name: quantized for the int4 variants, else moved."""
+    if variant.precision == "int4":
+        quantize_int4(built, out_dir / built.name, INT4_BLOCK_SIZE, variant.accuracy_level)
+        for f in (built, built.with_name(built.name + ".data")):
+            f.unlink()
+    else:
+        for f in (built, built.with_name(built.name + ".data")):
+            shutil.move(str(f), str(out_dir / f.name))

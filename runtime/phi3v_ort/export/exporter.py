@@ -11,7 +11,6 @@ when complete: an existing `out` is never touched unless `overwrite`, and then o
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from .. import contract
 from .checkpoint import Checkpoint
-from .memory import PeakMemory
-from .variants import VARIANTS, Variant
+from .memory import PeakMemory, release_memory
+from .variants import INT4_BLOCK_SIZE, VARIANTS, Variant
 
 NAME_STYLES = {"phi-3": contract.PHI3_FILE_NAMES, "phi-3.5": contract.PHI35_FILE_NAMES}
 
@@ -40,8 +39,11 @@ class ExportResult:
     adapter: str | None
     phases_s: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-    peak_rss_bytes: int | None = None  # the export (this process and the builder), not the check
-    check_peak_rss_bytes: int | None = None
+    # memory.PeakMemory's figures: the export's process tree (PSS), the machine's used memory, per phase; the check's
+    peak_pss_bytes: int | None = None
+    peak_system_used_bytes: int | None = None
+    phase_peak_pss_bytes: dict[str, int] = field(default_factory=dict)
+    check_peak_pss_bytes: int | None = None
     check: object | None = None  # check.CheckReport, when the check ran
 
     def to_dict(self) -> dict:
@@ -91,21 +93,35 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
         try:
             t = time.perf_counter()
-            _export_embeddings(ckpt, lora, staging, names, v, log)
+            peak.phase = "vision_and_embedding"
+            merged = _export_embeddings(ckpt, adapter, staging, names, v)
             phases["vision_and_embedding"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            from .decoder import build_decoder, stage_decoder
+            from .decoder import finish_decoder, run_builder, stage_decoder
 
+            peak.phase = "decoder_staging"
             log("decoder: staging the weights for onnxruntime-genai's model builder")
             dtype = stage_decoder(ckpt, work / "hf", lora)
-            if lora is not None and lora.unmerged():
-                raise ExportError(f"the adapter targets {sorted(lora.unmerged())[0]}, which the export never saw")
+            left = sorted(set(lora.unmerged()) - set(merged)) if lora is not None else []
+            if left:
+                raise ExportError(f"the adapter targets {left[0]}, which the export never saw")
+            release_memory()
             phases["decoder_staging"] = time.perf_counter() - t
             t = time.perf_counter()
-            log(f"decoder: running the model builder ({v.precision}, {v.provider}; weights staged as {dtype})")
-            built = build_decoder(work / "hf", staging, v, names.decoder, work)
+            peak.phase = "decoder_builder"
+            log(f"decoder: running the model builder ({v.builder_precision}, {v.provider}; weights staged as "
+                f"{dtype})")
+            built, float_decoder = run_builder(work / "hf", v, names.decoder, work)
             phases["decoder_builder"] = time.perf_counter() - t
+            if v.precision == "int4":
+                log(f"decoder: int4 RTN quantization, block {INT4_BLOCK_SIZE}"
+                    + (f", accuracy level {v.accuracy_level}" if v.accuracy_level else "") + ", one weight at a time")
+            t = time.perf_counter()
+            peak.phase = "decoder_quantize" if v.precision == "int4" else "decoder_place"
+            finish_decoder(float_decoder, staging, v)
+            phases[peak.phase] = time.perf_counter() - t
+            peak.phase = None
             shutil.rmtree(work, ignore_errors=True)
 
             from .metadata import copy_tokenizer, genai_config, processor_config, write_json
@@ -131,25 +147,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
             report = check_package(out, ckpt.path, adapter_dir=adapter, precision=v.precision, threads=threads,
                                    log=log)
         phases["check"] = time.perf_counter() - t
-        check_peak = during_check.peak_rss
+        check_peak = during_check.peak_pss
     return ExportResult(path=out, variant=v.name, family=ckpt.family, adapter=str(adapter) if adapter else None,
                         phases_s={k: round(s, 2) for k, s in phases.items()},
-                        seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=peak.peak_rss,
-                        check_peak_rss_bytes=check_peak, check=report)
+                        seconds=round(time.perf_counter() - started, 2), peak_pss_bytes=peak.peak_pss,
+                        peak_system_used_bytes=peak.peak_system_used, phase_peak_pss_bytes=dict(peak.phases),
+                        check_peak_pss_bytes=check_peak, check=report)
 
 
-def _export_embeddings(ckpt: Checkpoint, lora, staging: Path, names, v: Variant, log) -> None:
-    from .components import export_embedding, export_vision, load_modules
+def _export_embeddings(ckpt: Checkpoint, adapter, staging: Path, names, v: Variant) -> list[str]:
+    """components.export_embeddings in a child process (see there); returns the adapter targets it merged."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    log("vision and embedding: loading the vision tower and token embedding")
-    image, text = load_modules(ckpt, lora)
-    log(f"vision: exporting CLIP + HD layout + projection ({'fp16' if v.io_float16 else 'fp32'} I/O)")
-    export_vision(image, staging / names.vision, v.io_float16)
-    del image
-    log("embedding: exporting")
-    export_embedding(text, staging / names.embedding, v.io_float16)
-    del text
-    gc.collect()
+    from .components import export_embeddings
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(export_embeddings, str(ckpt.path), ckpt.family, str(adapter) if adapter else None,
+                           str(staging), names.vision, names.embedding, v.io_float16).result()
 
 
 def replace_dir(new: Path, target: Path) -> None:
