@@ -51,6 +51,25 @@ def export_once(ckpt: Path, out: Path, variant: str, check: bool) -> dict:
     return result
 
 
+def builder_int4_baseline(ckpt: Path, work: Path) -> dict:
+    """onnxruntime-genai's builder, `-p int4 -e cpu` with the CPU release's options, on the decoder staged as the
+    exporter stages it: the before of the exporter's int4 path."""
+    from phi3v_ort.export.checkpoint import Checkpoint
+    from phi3v_ort.export.decoder import stage_decoder
+
+    stage_decoder(Checkpoint.open(ckpt), work / "hf")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"), "-o", str(work / "out"),
+           "-p", "int4", "-e", "cpu", "-c", str(work / "cache"), "--extra_options", "exclude_embeds=true",
+           "int4_block_size=32", "int4_accuracy_level=4"]
+    t = time.perf_counter()
+    with PeakMemory() as peak:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the builder failed:\n{proc.stderr[-3000:]}")
+    return {"command": " ".join(cmd[1:]), "seconds": round(time.perf_counter() - t, 2),
+            "peak_pss_bytes": peak.peak_pss, "peak_system_used_bytes": peak.peak_system_used}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=list(PRESETS), default="small")
@@ -58,6 +77,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", default="models/.export-bench", help="Where the checkpoint and packages go.")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and packages afterwards.")
+    ap.add_argument("--builder-int4-baseline", action="store_true",
+                    help="Also run onnxruntime-genai's builder with its own -p int4 on the same staged decoder (what "
+                    "the exporter replaces with its weight-by-weight pass), for its time and peak memory.")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -84,6 +106,9 @@ def main() -> None:
             print(f"{v} #{rep + 1}: {r['phases_s']}, peak {r['peak_pss_bytes'] / GIB:.2f} GiB", file=sys.stderr,
                   flush=True)
             runs[v].append(r)
+    baseline = builder_int4_baseline(ckpt, work / "baseline") if args.builder_int4_baseline else None
+    if baseline:
+        print(f"builder -p int4: {baseline}", file=sys.stderr, flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -137,10 +162,15 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *([f"Before: onnxruntime-genai's builder with its own `-p int4` (CPU release options) on the same staged decoder "
+           f"-- the step the exporter replaces with its weight-by-weight int4 pass (byte-identical output, "
+           f"tests/test_export_quantize.py): {baseline['seconds']:.0f} s, peak **{baseline['peak_pss_bytes'] / GIB:.2f} "
+           f"GiB** (PSS of its process and this one's), machine used {baseline['peak_system_used_bytes'] / GIB:.2f} GiB.",
+           ""] if baseline else []),
     ])
     result = {"benchmark": "export_cost", "command": command, "environment": environment(),
               "settings": {"preset": args.preset, "variants": variants, "reps": args.reps},
-              "checkpoint": checkpoint, "summary": summary, "runs": runs}
+              "checkpoint": checkpoint, "summary": summary, "runs": runs, "builder_int4_baseline": baseline}
     write_result(args.out, result, md)
 
 

@@ -69,7 +69,9 @@ def save_onnx(model_proto, path: Path) -> None:
 
 
 def _export(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_axes: dict) -> None:
+            dynamic_axes: dict, fixed_dims: dict[str, dict[int, int]] | None = None) -> None:
+    """torch.onnx.export, then `fixed_dims` ({input: {axis: size}}) written into the declared input shapes: the
+    trace runs on a small example with those axes dynamic, the graph says what the release says."""
     import onnx
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
@@ -81,19 +83,29 @@ def _export(module, args: tuple, path: Path, input_names: list[str], output_name
             torch.onnx.export(module, args, str(tmp_path), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        save_onnx(onnx.load(str(tmp_path)), path)
+        model = onnx.load(str(tmp_path))
+        for graph_input in model.graph.input:
+            for axis, size in (fixed_dims or {}).get(graph_input.name, {}).items():
+                dim = graph_input.type.tensor_type.shape.dim[axis]
+                dim.Clear()
+                dim.dim_value = size
+        save_onnx(model, path)
 
 
 def export_vision(image: Phi3VImageEmbedding, path: Path, float16: bool) -> None:
+    """The vision model: pixel_values [num_images, 17, 3, 336, 336] as the release declares it. The trace runs on
+    one image of two crops (the 17 crop slots would cost 17 CLIP forwards: 15 s on `small`, minutes on the full
+    model) with the crop axis dynamic; nothing in the module depends on the slot count but its shape arithmetic."""
     module = image.half() if float16 else image
     dtype = torch.float16 if float16 else torch.float32
-    pixel_values = torch.randn(2, contract.PIXEL_CROPS, 3, contract.CROP_SIZE, contract.CROP_SIZE, dtype=dtype)
-    image_sizes = torch.tensor([[672, 1008], [336, 336]], dtype=torch.int64)
+    pixel_values = torch.randn(1, 2, 3, contract.CROP_SIZE, contract.CROP_SIZE, dtype=dtype)
+    image_sizes = torch.tensor([[336, 336]], dtype=torch.int64)
     names = contract.VISION_INPUTS
     out = contract.VISION_OUTPUTS["image_features"]
     _export(module, (pixel_values, image_sizes), path, [names["pixel_values"], names["image_sizes"]], [out],
-            {names["pixel_values"]: {0: "num_images"}, names["image_sizes"]: {0: "num_images"},
-             out: {0: "num_image_tokens"}})
+            {names["pixel_values"]: {0: "num_images", 1: "num_crops"}, names["image_sizes"]: {0: "num_images"},
+             out: {0: "num_image_tokens"}},
+            fixed_dims={names["pixel_values"]: {1: contract.PIXEL_CROPS}})
 
 
 def export_embedding(text: Phi3VTextEmbedding, path: Path, float16: bool) -> None:
