@@ -135,6 +135,29 @@ def test_fp32_export_check_passes_and_says_so(phi3, tmp_path):
     assert len(summary) == 1 and "32/32" in summary[0] and summary[0].endswith("passed"), proc.stderr
 
 
+@pytest.mark.synthetic("tiny-fp32-cpu")
+def test_gpu_fp16_export_is_float16_throughout_and_runs_on_the_cpu(phi3, png, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "pkg"
+    proc = export("--checkpoint", str(checkpoint_of(phi3)), "--out", str(out), "--variant", "gpu-fp16", "--json",
+                  check=True)
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(proc.stdout)["check"]
+    assert check["precision"] == "fp16" and check["passed"] is None and check["finite"], check
+    names = contract.PHI3_FILE_NAMES
+    for name in (names.vision, names.embedding, names.decoder):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        assert "tensor(float16)" in {i.type for i in session.get_inputs()}, name
+    decoder = onnx.load(str(out / names.decoder), load_external_data=False)
+    assert not [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert "cuda" in genai["session_options"]["provider_options"][0]
+    tokens, _ = greedy(out, png)
+    assert len(tokens) >= 1
+
+
 def write_adapter(path: Path, seed: int = 5) -> Path:
     """A PEFT LoRA adapter folder as peft saves one for the remote-code model (keys under base_model.model.,
     the CLIP tower nested), strong enough to change the greedy answer."""

@@ -926,6 +926,9 @@ def export_cmd(checkpoint: str, out: str, variant: str, adapter: str | None, fam
                                    overwrite=overwrite, threads=threads)
     except (ExportError, CheckpointError, AdapterError, BuilderError) as exc:
         raise Phi3vError(str(exc)) from None
+    except OSError as exc:  # a full disk, a folder that cannot be written: the staging folder is already gone
+        raise Phi3vError(f"the export stopped: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else "")) from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
