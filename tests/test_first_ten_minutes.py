@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,11 +197,13 @@ def test_bench_without_a_checkpoint_says_how_to_make_one(tiny_dir, tmp_path, mon
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",  # as if torch and transformers were installed
                         lambda name, *a: object() if name in ("torch", "transformers") else real(name, *a))
-    result = CliRunner().invoke(cli, ["bench", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "b")])
+    package = tmp_path / "pkg"  # a copy: regenerating the fixture leaves its checkpoint beside tests/fixtures/
+    shutil.copytree(tiny_dir, package)
+    result = CliRunner().invoke(cli, ["bench", "--model-dir", str(package), "--out", str(tmp_path / "b")])
     assert result.exit_code == 1
     message = result.stderr
     assert message.startswith("Error: the torch engine needs a transformers checkpoint")
-    assert f"{tiny_dir.resolve()}.checkpoint" in message and "scripts/make_synthetic_model.py" in message
+    assert f"{package.resolve()}.checkpoint" in message and "scripts/make_synthetic_model.py" in message
     assert "--engines ort" in message and message.count("\n") == 1
 
 
