@@ -124,14 +124,10 @@ EMBEDDING_OUTPUTS = {"inputs_embeds": "inputs_embeds"}
 VISION_INPUTS = {"pixel_values": "pixel_values", "image_sizes": "image_sizes"}
 VISION_OUTPUTS = {"image_features": "image_features"}
 
+# The tokenizer files of a checkpoint and of every variant folder (copied from the checkpoint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # The other files every variant folder carries beside the three models.
-SIDE_FILES = (
-    "genai_config.json",
-    "processor_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+SIDE_FILES = ("genai_config.json", "processor_config.json", *TOKENIZER_FILES)
 
 # Chat template of the tokenizer_config.json the release ships.
 CHAT_TEMPLATE = (

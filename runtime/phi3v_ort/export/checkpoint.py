@@ -27,7 +27,6 @@ from ..torch_reference import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_AL
                                _shard_files, decoder_config, vision_config)
 
 FAMILIES = ("phi-3", "phi-3.5")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

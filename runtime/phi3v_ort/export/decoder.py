@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, Checkpoint, is_decoder
+from ..contract import TOKENIZER_FILES
+from .checkpoint import Checkpoint, is_decoder
 from .quantize import quantize_int4
 from .variants import INT4_BLOCK_SIZE, Variant
 

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from .. import contract
-from .checkpoint import TOKENIZER_FILES, Checkpoint
+from ..contract import TOKENIZER_FILES
+from .checkpoint import Checkpoint
 
 
 def end_of_turn_id(ckpt: Checkpoint) -> int:

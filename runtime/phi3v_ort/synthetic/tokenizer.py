@@ -30,7 +30,6 @@ _LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
 _WEIGHTS = [12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0, 1.9, 1.5,
             1.0, 0.8, 0.2, 0.2, 0.1, 0.1]
 META = "\u2581"  # SentencePiece's word-boundary marker
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _corpus(seed: int, words: int) -> list[str]:
