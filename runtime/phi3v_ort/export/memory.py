@@ -72,17 +72,30 @@ class PeakMemory:
         self.available = Path(f"/proc/{os.getpid()}/smaps_rollup").is_file()
         self.peak_pss: int | None = None
         self.peak_system_used: int | None = None
-        self.phase: str | None = None
         self.phases: dict[str, int] = {}
+        self._phase: str | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def phase(self) -> str | None:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str | None) -> None:
+        """A new phase gets a sample at once, so even one shorter than the interval has its figure."""
+        self._phase = name
+        if self.available and name is not None:
+            self._sample()
+
     def _sample(self) -> None:
-        pss = tree_pss()
-        self.peak_pss = max(self.peak_pss or 0, pss)
-        self.peak_system_used = max(self.peak_system_used or 0, system_used())
-        if self.phase is not None:
-            self.phases[self.phase] = max(self.phases.get(self.phase, 0), pss)
+        pss, used = tree_pss(), system_used()
+        with self._lock:
+            self.peak_pss = max(self.peak_pss or 0, pss)
+            self.peak_system_used = max(self.peak_system_used or 0, used)
+            if self._phase is not None:
+                self.phases[self._phase] = max(self.phases.get(self._phase, 0), pss)
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
