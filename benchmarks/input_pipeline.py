@@ -212,17 +212,15 @@ def time_to_first_token(model, reps: int) -> list[dict]:
 
 # -- 3. overlap: preparation in a thread while og generates -----------------------------------------------------------
 
-class Background:
-    """Runs `work` in a loop in a daemon thread and records when each call completed."""
+class _Loop:
+    """A daemon thread running `_loop` until the `with` block ends (started 50 ms before the block's body)."""
 
-    def __init__(self, work):
-        self.work, self.done, self.stop = work, [], threading.Event()
+    def __init__(self):
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self):
-        while not self.stop.is_set():
-            self.work()
-            self.done.append(time.perf_counter())
+        raise NotImplementedError
 
     def __enter__(self):
         self.thread.start()
@@ -233,16 +231,29 @@ class Background:
         self.stop.set()
         self.thread.join()
 
+
+class Background(_Loop):
+    """Runs `work` in a loop in a daemon thread and records when each call completed."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work, self.done = work, []
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.work()
+            self.done.append(time.perf_counter())
+
     def rate(self, start: float, end: float) -> float:
         return sum(1 for t in self.done if start < t <= end) / (end - start)
 
 
-class Counter:
+class Counter(_Loop):
     """A pure-Python loop: it advances only while it holds the GIL (a probe of who holds it)."""
 
     def __init__(self):
-        self.n, self.stop = 0, threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
+        self.n = 0
         self.marks: list[tuple[float, int]] = []
 
     def _loop(self):
@@ -251,15 +262,6 @@ class Counter:
             for _ in range(1000):
                 n += 1
             self.n = n
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
     def rate(self, start_n: int, end_n: int, seconds: float) -> float:
         return (end_n - start_n) / seconds

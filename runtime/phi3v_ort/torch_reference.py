@@ -186,6 +186,12 @@ def _normalise_key(key: str, bare: bool) -> str:
     return key
 
 
+def is_bare(names) -> bool:
+    """Names saved from the bare Phi3VModel: none under `model.`, some under its own prefixes."""
+    names = list(names)
+    return not any(n.startswith("model.") for n in names) and any(n.startswith(BARE_PREFIXES) for n in names)
+
+
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(normalised name, name as stored, tensor) for every tensor of the checkpoint, shard by shard (one shard in
     memory at a time)."""
@@ -193,20 +199,21 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
 
     files = _shard_files(path)
     with safe_open(str(files[0]), framework="pt") as f:
-        first_keys = list(f.keys())
-    bare = not any(k.startswith("model.") for k in first_keys) and any(k.startswith(BARE_PREFIXES)
-                                                                       for k in first_keys)
+        bare = is_bare(list(f.keys()))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 yield _normalise_key(key, bare), key, f.get_tensor(key)
 
 
+def vision_targets(vision: nn.Module) -> dict[str, torch.Tensor]:
+    """Normalised release name (`_normalise_key`) -> the vision module's parameter/persistent buffer it fills."""
+    return {_normalise_key(VISION_PREFIX + k, False): v for k, v in vision.state_dict(keep_vars=True).items()}
+
+
 def _targets(decoder: nn.Module, vision: nn.Module) -> dict[str, torch.Tensor]:
     """Normalised release name (`_normalise_key`) -> the parameter/persistent buffer it fills."""
-    targets = {k: v for k, v in decoder.state_dict(keep_vars=True).items()}
-    targets.update({_normalise_key(VISION_PREFIX + k, False): v for k, v in vision.state_dict(keep_vars=True).items()})
-    return targets
+    return {**decoder.state_dict(keep_vars=True), **vision_targets(vision)}
 
 
 def load_weights(path: Path, decoder: nn.Module, vision: nn.Module) -> None:

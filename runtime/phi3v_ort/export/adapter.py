@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..torch_reference import BARE_PREFIXES, _normalise_key
+from ..torch_reference import _normalise_key, is_bare
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -261,7 +261,7 @@ def _parse(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], file: P
     if not pairs:
         raise AdapterError(f"{file} holds no LoRA weights")
 
-    bare = not any(m.startswith("model.") for m in pairs) and any(m.startswith(BARE_PREFIXES) for m in pairs)
+    bare = is_bare(pairs)
     r_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)
     rank_pattern = dict(config.get("rank_pattern") or {})

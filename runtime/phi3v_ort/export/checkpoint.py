@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..torch_reference import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, _normalise_key,
-                               _shard_files, decoder_config, vision_config)
+                               _shard_files, _targets, decoder_config, is_bare, vision_config)
 
 FAMILIES = ("phi-3", "phi-3.5")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -152,9 +152,7 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         decoder = Phi3ForCausalLM(dec_cfg)
         vision = Phi3VImageEmbedding(clip_cfg, dec_cfg.hidden_size)
-    shapes = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
-    shapes.update({_normalise_key(VISION_PREFIX + k, False): tuple(v.shape) for k, v in vision.state_dict().items()})
-    return shapes
+    return {k: tuple(v.shape) for k, v in _targets(decoder, vision).items()}
 
 
 def _scan(path: Path) -> dict[str, StoredTensor]:
@@ -171,7 +169,7 @@ def _scan(path: Path) -> dict[str, StoredTensor]:
             with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
                 if bare is None:
-                    bare = not any(k.startswith("model.") for k in keys)
+                    bare = is_bare(keys)
                 for key in keys:
                     sl = f.get_slice(key)
                     stored = StoredTensor(key, file, tuple(int(d) for d in sl.get_shape()), sl.get_dtype())

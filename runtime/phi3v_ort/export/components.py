@@ -11,7 +11,7 @@ import torch
 
 from .. import contract
 from ..reference import Phi3VImageEmbedding, Phi3VTextEmbedding
-from ..torch_reference import EMBED_TOKENS, VISION_PREFIX, _construction, _normalise_key
+from ..torch_reference import EMBED_TOKENS, _construction, vision_targets
 from .checkpoint import Checkpoint
 
 OPSET = 17
@@ -24,8 +24,7 @@ def load_modules(ckpt: Checkpoint, adapter=None) -> tuple[Phi3VImageEmbedding, P
     with _construction(torch.float32, "cpu"):
         image = Phi3VImageEmbedding(ckpt.clip_config(), dec.hidden_size)
         text = Phi3VTextEmbedding(dec.vocab_size, dec.hidden_size)
-    targets = {_normalise_key(VISION_PREFIX + k, False): v for k, v in image.state_dict(keep_vars=True).items()}
-    targets[EMBED_TOKENS] = text.embed_tokens.weight
+    targets = {**vision_targets(image), EMBED_TOKENS: text.embed_tokens.weight}
     with torch.no_grad():
         for name, tensor in ckpt.iter_tensors(lambda n: n in targets):
             targets[name].copy_(adapter.merge(name, tensor) if adapter is not None else tensor)
