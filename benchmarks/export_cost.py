@@ -164,7 +164,7 @@ def main() -> None:
         "",
         *([f"Before: onnxruntime-genai's builder with its own `-p int4` (CPU release options) on the same staged decoder "
            f"-- the step the exporter replaces with its weight-by-weight int4 pass (byte-identical output, "
-           f"tests/test_export_quantize.py): {baseline['seconds']:.0f} s, peak **{baseline['peak_pss_bytes'] / GIB:.2f} "
+           f"tests/export/test_export_quantize.py): {baseline['seconds']:.0f} s, peak **{baseline['peak_pss_bytes'] / GIB:.2f} "
            f"GiB** (PSS of its process and this one's), machine used {baseline['peak_system_used_bytes'] / GIB:.2f} GiB.",
            ""] if baseline else []),
     ])

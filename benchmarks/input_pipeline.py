@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from phi3v_ort import contract  # noqa: E402
+from phi3v_ort.package import contract  # noqa: E402
 from phi3v_ort.bench.common import chart_image, environment, image_input, summarize, write_result  # noqa: E402
-from phi3v_ort.generation import Finished, TokenEvent, stream  # noqa: E402
-from phi3v_ort.images import decode  # noqa: E402
-from phi3v_ort.loading import load_model  # noqa: E402
-from phi3v_ort.pixels import prepare_image  # noqa: E402
-from phi3v_ort.prompt import build_prompt, render  # noqa: E402
-from phi3v_ort.settings import GenerationSettings  # noqa: E402
+from phi3v_ort.engine.generation import Finished, TokenEvent, stream  # noqa: E402
+from phi3v_ort.inputs.images import decode  # noqa: E402
+from phi3v_ort.package.loading import load_model  # noqa: E402
+from phi3v_ort.inputs.pixels import prepare_image  # noqa: E402
+from phi3v_ort.inputs.prompt import build_prompt, render  # noqa: E402
+from phi3v_ort.engine.settings import GenerationSettings  # noqa: E402
 
 QUESTION = "Could you please introduce this stock to me?"
 TEXT_QUESTION = "Write a long story about a lighthouse keeper and the sea."
@@ -142,7 +142,7 @@ def preparation(model, images: dict[str, bytes], reps: int) -> list[dict]:
 def stages(model, images: dict[str, bytes], reps: int) -> list[dict]:
     """Where the own pipeline's time goes, per stage (pixels.py's own functions; tiles + LUT is the rest of
     prepare_image)."""
-    from phi3v_ort import pixels
+    from phi3v_ort.inputs import pixels
 
     segments = build_prompt(QUESTION, 1)
     rows = []
@@ -357,9 +357,9 @@ def gil_probe(model, rounds: int) -> dict:
     thread sleeps): og's processor, Generator.set_inputs, the first and a later generate_next_token."""
     import onnxruntime_genai as og
 
-    from phi3v_ort.generation import prepare
-    from phi3v_ort.kv_cache import plan
-    from phi3v_ort.settings import search_options
+    from phi3v_ort.engine.generation import prepare
+    from phi3v_ort.engine.kv_cache import plan
+    from phi3v_ort.engine.settings import search_options
 
     image = image_input(chart_image(640, 400), "chart.png")
     s = {k: [] for k in ("idle", "og_processor", "set_inputs", "first_token", "later_token")}

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from phi3v_ort.bench.common import environment, summarize  # noqa: E402
 from phi3v_ort.bench.scenarios import SCENARIOS, render  # noqa: E402
-from phi3v_ort.prompt import build_prompt  # noqa: E402
-from phi3v_ort.prompt import render as render_prompt  # noqa: E402
+from phi3v_ort.inputs.prompt import build_prompt  # noqa: E402
+from phi3v_ort.inputs.prompt import render as render_prompt  # noqa: E402
 
 
 def main() -> None:

@@ -31,14 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from phi3v_ort.batch import Item, run_batch, read_batch  # noqa: E402
+from phi3v_ort.batch.runner import Item, run_batch, read_batch  # noqa: E402
 from phi3v_ort.bench.common import environment  # noqa: E402
-from phi3v_ort.distributed import run_ray_batch  # noqa: E402
-from phi3v_ort.inputs import make_pipeline  # noqa: E402
-from phi3v_ort.kv_cache import KVCachePolicy  # noqa: E402
-from phi3v_ort.loading import open_inputs, read_package  # noqa: E402
-from phi3v_ort.settings import GenerationSettings  # noqa: E402
-from phi3v_ort.worker import WorkerPool, WorkerSpec  # noqa: E402
+from phi3v_ort.batch.on_ray import run_ray_batch  # noqa: E402
+from phi3v_ort.inputs.pipeline import make_pipeline  # noqa: E402
+from phi3v_ort.engine.kv_cache import KVCachePolicy  # noqa: E402
+from phi3v_ort.package.loading import open_inputs, read_package  # noqa: E402
+from phi3v_ort.engine.settings import GenerationSettings  # noqa: E402
+from phi3v_ort.workers.pool import WorkerPool, WorkerSpec  # noqa: E402
 
 QUESTION = "What is in the image?"
 

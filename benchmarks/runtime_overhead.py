@@ -23,12 +23,12 @@ from PIL import Image  # noqa: E402
 
 from phi3v_ort.bench.common import (  # noqa: E402
     bare_og_generate, chart_image, environment, image_input, photo_image, summarize, write_result)
-from phi3v_ort.generation import Finished, prepare, stream  # noqa: E402
-from phi3v_ort.images import load_image  # noqa: E402
-from phi3v_ort.kv_cache import KVCachePolicy  # noqa: E402
-from phi3v_ort.loading import load_model  # noqa: E402
-from phi3v_ort.prompt import build_prompt, render  # noqa: E402
-from phi3v_ort.settings import GenerationSettings  # noqa: E402
+from phi3v_ort.engine.generation import Finished, prepare, stream  # noqa: E402
+from phi3v_ort.inputs.images import load_image  # noqa: E402
+from phi3v_ort.engine.kv_cache import KVCachePolicy  # noqa: E402
+from phi3v_ort.package.loading import load_model  # noqa: E402
+from phi3v_ort.inputs.prompt import build_prompt, render  # noqa: E402
+from phi3v_ort.engine.settings import GenerationSettings  # noqa: E402
 
 QUESTION = "Could you please introduce this stock to me?"
 

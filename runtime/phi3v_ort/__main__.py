@@ -1,3 +1,3 @@
-from .cli import main
+from phi3v_ort.cli.commands import main
 
 main()

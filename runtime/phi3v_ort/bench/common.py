@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..images import ImageInput, load_image
+from phi3v_ort.inputs.images import ImageInput, load_image
 
 
 def summarize(samples: list[float]) -> dict:
@@ -50,7 +50,7 @@ def environment() -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    from ..device import gpu_count
+    from phi3v_ort.package.device import gpu_count
 
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "gpus": gpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions,

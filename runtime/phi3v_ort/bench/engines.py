@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import rss_bytes
+from phi3v_ort.bench.common import rss_bytes
 
 
 def _decoder_bytes(model_dir: Path) -> int:
@@ -34,8 +34,8 @@ class OrtEngine:
 
     def __init__(self, model_dir: str, device: str, share_buffer: bool = True, cuda_graph: bool = False,
                  threads: int | None = None, processor: str = "own", crops: int | None = None):
-        from ..kv_cache import KVCachePolicy
-        from ..loading import load_model
+        from phi3v_ort.engine.kv_cache import KVCachePolicy
+        from phi3v_ort.package.loading import load_model
 
         t0 = time.perf_counter()
         self.model = load_model(model_dir, device=device, threads=threads,
@@ -51,9 +51,9 @@ class OrtEngine:
     def generate(self, question: str, images: list[bytes], max_new_tokens: int) -> dict:
         import io
 
-        from ..generation import Finished, stream
-        from ..images import load_image
-        from ..settings import GenerationSettings
+        from phi3v_ort.engine.generation import Finished, stream
+        from phi3v_ort.inputs.images import load_image
+        from phi3v_ort.engine.settings import GenerationSettings
 
         t0 = time.perf_counter()
         loaded = [load_image("-", stdin=io.BytesIO(b)) for b in images]
@@ -93,7 +93,7 @@ class TorchEngine:
                  threads: int | None = None):
         import torch
 
-        from ..torch_reference import Phi3VisionReference
+        from phi3v_ort.reference.model import Phi3VisionReference
 
         if threads:
             torch.set_num_threads(threads)

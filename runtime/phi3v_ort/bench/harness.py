@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment
-from .scenarios import DEFAULT_SCENARIOS, SCENARIOS, render
+from phi3v_ort.bench.common import environment
+from phi3v_ort.bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, render
 
 # Datasheet peak memory bandwidths (bytes/s), used when the GPU's cannot be measured here; labelled as such.
 DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
@@ -83,9 +83,9 @@ def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
     median of 3)."""
     import io
 
-    from ..generation import prepare
-    from ..images import load_image
-    from ..loading import load_model
+    from phi3v_ort.engine.generation import prepare
+    from phi3v_ort.inputs.images import load_image
+    from phi3v_ort.package.loading import load_model
 
     model = load_model(cfg.model_dir, device="cpu", threads=cfg.threads)
     prepared = {}
@@ -122,7 +122,7 @@ def engine_runs(cfg: BenchConfig) -> list[dict]:
 
 
 def run(cfg: BenchConfig) -> dict:
-    from ..loading import default_threads
+    from phi3v_ort.package.loading import default_threads
 
     if "torch" in cfg.engines and not cfg.checkpoint:
         cfg.checkpoint = str(Path(cfg.model_dir).resolve()) + ".checkpoint"
@@ -196,7 +196,7 @@ def ratios(result: dict) -> dict:
 
 
 def write(result: dict, out: str) -> list[Path]:
-    from .report import chart, markdown
+    from phi3v_ort.bench.report import chart, markdown
 
     base = Path(out)
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ class Scenario:
 
 
 def render(kind: str, width: int, height: int, seed: int = 0) -> bytes:
-    from .common import chart_image, cover_image, photo_image  # numpy, Pillow: not needed to list the scenarios
+    from phi3v_ort.bench.common import chart_image, cover_image, photo_image  # numpy, Pillow: not needed to list the scenarios
 
     if kind == "chart":
         return chart_image(width, height, seed)

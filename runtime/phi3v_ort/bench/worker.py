@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import summarize
-from .engines import OrtEngine, TorchEngine, peak_memory
-from .scenarios import SCENARIOS, SWEEP_GRIDS, render
+from phi3v_ort.bench.common import summarize
+from phi3v_ort.bench.engines import OrtEngine, TorchEngine, peak_memory
+from phi3v_ort.bench.scenarios import SCENARIOS, SWEEP_GRIDS, render
 
 
 def _repeat(fn, warmup: int, reps: int) -> list:
@@ -59,10 +59,10 @@ def run_vision_sweep(engine, cfg: dict) -> dict:
 
 
 def run_turn2(engine: OrtEngine, scenario, cfg: dict) -> dict:
-    from ..conversation import Conversation
-    from ..generation import Finished
-    from ..images import load_image
-    from ..settings import GenerationSettings
+    from phi3v_ort.engine.conversation import Conversation
+    from phi3v_ort.engine.generation import Finished
+    from phi3v_ort.inputs.images import load_image
+    from phi3v_ort.engine.settings import GenerationSettings
     import io
 
     image = load_image("-", stdin=io.BytesIO(render(*scenario.images[0])))
@@ -93,10 +93,10 @@ def run_turn2(engine: OrtEngine, scenario, cfg: dict) -> dict:
 def run_batch_scenario(engine: OrtEngine, scenario, cfg: dict) -> dict:
     """Batch items/s through worker processes: one thread vs the default threads (both sequential: each item
     prepared only when the previous one is written), and the default threads with preparation overlapped."""
-    from ..batch import Item, run_batch
-    from ..inputs import make_pipeline
-    from ..settings import GenerationSettings
-    from ..worker import WorkerPool, WorkerSpec
+    from phi3v_ort.batch.runner import Item, run_batch
+    from phi3v_ort.inputs.pipeline import make_pipeline
+    from phi3v_ort.engine.settings import GenerationSettings
+    from phi3v_ort.workers.pool import WorkerPool, WorkerSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="phi3v-bench-batch-"))
     try:

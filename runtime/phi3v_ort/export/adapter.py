@@ -21,7 +21,7 @@ Anything that is not that plain sum is refused with an `AdapterError` (one line,
 DoRA and the other LoRA variants, trainable biases, modules_to_save, embedding / conv LoRA, initialisations that
 rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA).
 
-The merge is this module's own code; peft is only the independent oracle (tests/test_export_adapter.py, and
+The merge is this module's own code; peft is only the independent oracle (tests/export/test_export_adapter.py, and
 `Phi3VisionReference.apply_adapter`, which the exporter's validation uses).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..torch_reference import _normalise_key, is_bare
+from phi3v_ort.reference.model import _normalise_key, is_bare
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

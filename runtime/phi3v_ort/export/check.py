@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .memory import release_memory
+from phi3v_ort.export.memory import release_memory
 
 PRECISIONS = ("fp32", "fp16", "int4")
 # fp32 packages pass when max |og - torch| <= FP32_RTOL * max |torch logit| (see check_package).
@@ -78,7 +78,7 @@ def check_image_png() -> bytes:
 
 def check_image():
     """The built-in image as the runtime's ImageInput (decoded by images.decode, as any loaded PNG)."""
-    from ..images import ImageInput, decode
+    from phi3v_ort.inputs.images import ImageInput, decode
 
     started = time.perf_counter()
     raw = check_image_png()
@@ -94,8 +94,8 @@ def package_precision(package_dir: str | Path) -> str:
     `inputs_embeds` input. (The exporter knows the variant it wrote: it should pass `precision=` instead.)"""
     import onnx
 
-    from ..loading import read_package
-    from ..onnx_inputs import read_input_spec
+    from phi3v_ort.package.loading import read_package
+    from phi3v_ort.package.onnx_header import read_input_spec
 
     info = read_package(package_dir)
     decoder = info.path / info.files.decoder
@@ -219,8 +219,8 @@ def _run_og(package_dir: Path, steps: int, threads: int | None, eos: tuple[int, 
     """The package on og's CPU provider: the built-in request, `steps` greedy tokens, never stopping early."""
     import onnxruntime_genai as og
 
-    from ..generation import prepare
-    from ..loading import load_model
+    from phi3v_ort.engine.generation import prepare
+    from phi3v_ort.package.loading import load_model
 
     started = time.perf_counter()
     loaded = load_model(package_dir, device="cpu", threads=threads)
@@ -267,7 +267,7 @@ def _run_torch(checkpoint_dir: Path, adapter_dir: Path | None, run: _OgRun, thre
     """The reference's logits for og's steps: one teacher-forced forward over prompt + og's tokens but the last."""
     import torch
 
-    from ..torch_reference import Phi3VisionReference
+    from phi3v_ort.reference.model import Phi3VisionReference
 
     previous_threads = torch.get_num_threads()
     if threads:
@@ -305,7 +305,7 @@ def _used_crops(pixel_values: np.ndarray, image_sizes: np.ndarray) -> tuple[np.n
     slots whatever the crop budget; at 1 crop only 2 are used: the global view and one crop). The reference's
     vision runs CLIP on every slot it is given, each crop on its own, and lays out only the used ones
     (reference.layout_index), so its features are the same with 2 slots as with 17, at an eighth of the cost."""
-    from .. import contract
+    from phi3v_ort.package import contract
 
     sizes = np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2)
     used = 1 + int(max((h // contract.CROP_SIZE) * (w // contract.CROP_SIZE) for h, w in sizes))
@@ -324,10 +324,10 @@ def check_package(package_dir: str | Path, checkpoint_dir: str | Path, *, adapte
     - fp32: passed iff max |og - torch| <= 1e-4 x max |torch logit|. Relative, because the scale of the logits
       depends on the weights: ~0.5 on a synthetic (random) model, ~30 on the real one; an absolute bound would be
       too tight for one or blind for the other. Both engines run fp32 and differ only by summation order (MLAS vs
-      torch GEMMs, fused attention/rotary/norm kernels): tests/test_torch_parity.py measures <= 1.2e-6 relative,
+      torch GEMMs, fused attention/rotary/norm kernels): tests/reference/test_torch_parity.py measures <= 1.2e-6 relative,
       so 1e-4 leaves ~100x headroom. What it catches, measured on the tiny fp32 package: Gaussian noise of 1% of
       the weight's std on ONE decoder MLP matrix moves the logits by 6e-4 relative (10%: 5e-3); 0.1% (6e-5) is
-      below it. tests/test_torch_parity.py: dropping LongRoPE's magnitude scale moves them by 2-3e-4.
+      below it. tests/reference/test_torch_parity.py: dropping LongRoPE's magnitude scale moves them by 2-3e-4.
     - fp16, int4: report only (passed None): their rounding is no bug, and how far it moves the logits depends on
       the model; agreement and the difference are reported for a person to judge.
     - any precision: a NaN/inf logit in either engine, or an engine that cannot run, is a failure (passed False,

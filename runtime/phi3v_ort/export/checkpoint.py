@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..torch_reference import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, _normalise_key,
+from phi3v_ort.reference.model import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, _normalise_key,
                                _shard_files, _targets, decoder_config, is_bare, vision_config)
 
 FAMILIES = ("phi-3", "phi-3.5")
@@ -145,7 +145,7 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of every tensor Phi-3-vision with this config.json has (modules built on meta)."""
     from transformers import Phi3ForCausalLM
 
-    from ..reference import Phi3VImageEmbedding
+    from phi3v_ort.reference.modules import Phi3VImageEmbedding
 
     dec_cfg = decoder_config(config, torch.float32, "eager")
     clip_cfg = vision_config(config, None, "eager")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .. import contract
-from ..reference import Phi3VImageEmbedding, Phi3VTextEmbedding
-from ..torch_reference import EMBED_TOKENS, _construction, vision_targets
-from .checkpoint import Checkpoint
+from phi3v_ort.package import contract
+from phi3v_ort.reference.modules import Phi3VImageEmbedding, Phi3VTextEmbedding
+from phi3v_ort.reference.model import EMBED_TOKENS, _construction, vision_targets
+from phi3v_ort.export.checkpoint import Checkpoint
 
 OPSET = 17
 
@@ -44,7 +44,7 @@ def export_embeddings(checkpoint: str, family: str, adapter: str | None, staging
     ckpt = Checkpoint.open(checkpoint, family)
     lora = None
     if adapter is not None:
-        from .adapter import LoraAdapter
+        from phi3v_ort.export.adapter import LoraAdapter
 
         lora = LoraAdapter.open(adapter)
     log("vision and embedding: loading the vision tower and token embedding")
@@ -75,7 +75,7 @@ def _export(module, args: tuple, path: Path, input_names: list[str], output_name
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         # the tracer's notes on the HD layout's shape arithmetic: the layout is pure tensor arithmetic and the
-        # exported graph is checked against the module for several image sizes (tests/test_synthetic_build.py)
+        # exported graph is checked against the module for several image sizes (tests/synthetic/test_synthetic_build.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         tmp_path = Path(tmp) / "model.onnx"
         with torch.no_grad():

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..contract import TOKENIZER_FILES
-from .checkpoint import Checkpoint, is_decoder
-from .quantize import quantize_int4
-from .variants import INT4_BLOCK_SIZE, Variant
+from phi3v_ort.package.contract import TOKENIZER_FILES
+from phi3v_ort.export.checkpoint import Checkpoint, is_decoder
+from phi3v_ort.export.quantize import quantize_int4
+from phi3v_ort.export.variants import INT4_BLOCK_SIZE, Variant
 
 FLUSH_BYTES = 1 << 30  # write a staged shard every ~1 GB
 

@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import contract
-from .checkpoint import Checkpoint
-from .memory import PeakMemory, release_memory
-from .variants import INT4_BLOCK_SIZE, VARIANTS, Variant
+from phi3v_ort.package import contract
+from phi3v_ort.export.checkpoint import Checkpoint
+from phi3v_ort.export.memory import PeakMemory, release_memory
+from phi3v_ort.export.variants import INT4_BLOCK_SIZE, VARIANTS, Variant
 
 NAME_STYLES = {"phi-3": contract.PHI3_FILE_NAMES, "phi-3.5": contract.PHI35_FILE_NAMES}
 
@@ -80,7 +80,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
         ckpt = Checkpoint.open(checkpoint, family)
         lora = None
         if adapter is not None:
-            from .adapter import LoraAdapter
+            from phi3v_ort.export.adapter import LoraAdapter
 
             lora = LoraAdapter.open(adapter)
             lora.check_against(ckpt.shapes())
@@ -98,7 +98,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
             phases["vision_and_embedding"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            from .decoder import finish_decoder, run_builder, stage_decoder
+            from phi3v_ort.export.decoder import finish_decoder, run_builder, stage_decoder
 
             peak.phase = "decoder_staging"
             log("decoder: staging the weights for onnxruntime-genai's model builder")
@@ -124,7 +124,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
             peak.phase = None
             shutil.rmtree(work, ignore_errors=True)
 
-            from .metadata import copy_tokenizer, genai_config, processor_config, write_json
+            from phi3v_ort.export.metadata import copy_tokenizer, genai_config, processor_config, write_json
 
             write_json(staging / "genai_config.json", genai_config(built, ckpt, names))
             write_json(staging / "processor_config.json", processor_config())
@@ -140,7 +140,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
 
     report, check_peak = None, None
     if check:
-        from .check import check_package
+        from phi3v_ort.export.check import check_package
 
         t = time.perf_counter()
         with PeakMemory() as during_check:
@@ -160,7 +160,7 @@ def _export_embeddings(ckpt: Checkpoint, adapter, staging: Path, names, v: Varia
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from .components import export_embeddings
+    from phi3v_ort.export.components import export_embeddings
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(export_embeddings, str(ckpt.path), ckpt.family, str(adapter) if adapter else None,

@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from .. import contract
-from ..contract import TOKENIZER_FILES
-from .checkpoint import Checkpoint
+from phi3v_ort.package import contract
+from phi3v_ort.package.contract import TOKENIZER_FILES
+from phi3v_ort.export.checkpoint import Checkpoint
 
 
 def end_of_turn_id(ckpt: Checkpoint) -> int:

@@ -13,7 +13,7 @@ this module rewrites that file into the int4 one, weight by weight:
 The numbers are onnxruntime's own: `DefaultWeightOnlyQuantizer.qbits_block_quant` (the MLAS kernel the builder's
 quantizer calls, symmetric blocks, QOperator format), and the nodes and initializers are named and laid out as
 that quantizer names them, so the result equals the builder's own int4 output byte for byte
-(tests/test_export_quantize.py compares them on a tiny model, CPU and CUDA variants). Memory: the largest weight,
+(tests/export/test_export_quantize.py compares them on a tiny model, CPU and CUDA variants). Memory: the largest weight,
 twice (the lm_head: 394 MB in float32).
 """
 

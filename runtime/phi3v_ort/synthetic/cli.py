@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .presets import PRESETS
+from phi3v_ort.synthetic.presets import PRESETS
 
 VARIANT_NAMES = ("gpu-int4", "cpu-int4", "gpu-fp16", "cpu-fp32")
 # --precision / --provider, the older way to name a variant
@@ -49,8 +49,8 @@ def main(preset: str, variant: str | None, precision: str | None, provider: str 
     elif precision or provider:
         raise click.UsageError("give either --variant or --precision/--provider, not both")
     try:
-        from ..torch_reference import CheckpointError
-        from .package import BuildOptions, build_package
+        from phi3v_ort.reference.model import CheckpointError
+        from phi3v_ort.synthetic.package import BuildOptions, build_package
     except ImportError as exc:  # torch / transformers / onnx missing
         raise click.ClickException(f"building needs the build extra ({exc.name} is missing): "
                                    "pip install -e '.[build]'") from None

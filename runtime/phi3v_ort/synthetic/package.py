@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.checkpoint import FAMILIES
-from ..export.exporter import export_checkpoint, replace_dir
-from ..export.variants import DEFAULT_VARIANT, VARIANTS
-from .presets import PRESETS
-from .random_checkpoint import write_random_checkpoint
+from phi3v_ort.export.checkpoint import FAMILIES
+from phi3v_ort.export.exporter import export_checkpoint, replace_dir
+from phi3v_ort.export.variants import DEFAULT_VARIANT, VARIANTS
+from phi3v_ort.synthetic.presets import PRESETS
+from phi3v_ort.synthetic.random_checkpoint import write_random_checkpoint
 
 
 @dataclass(frozen=True)

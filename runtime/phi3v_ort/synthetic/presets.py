@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import contract
+from phi3v_ort.package import contract
 
 
 @dataclass(frozen=True)

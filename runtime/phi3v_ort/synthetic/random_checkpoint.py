@@ -20,11 +20,11 @@ import json
 import zlib
 from pathlib import Path
 
-from .. import contract
-from ..export.checkpoint import expected_tensors
-from ..torch_reference import CLIP_FLAT, CLIP_NESTED, CLIP_VIT_L_14_336
-from .presets import Preset
-from .tokenizer import write_tokenizer
+from phi3v_ort.package import contract
+from phi3v_ort.export.checkpoint import expected_tensors
+from phi3v_ort.reference.model import CLIP_FLAT, CLIP_NESTED, CLIP_VIT_L_14_336
+from phi3v_ort.synthetic.presets import Preset
+from phi3v_ort.synthetic.tokenizer import write_tokenizer
 
 FAMILY_NAMES = {"phi-3": "Phi-3-vision-128k-instruct", "phi-3.5": "Phi-3.5-vision-instruct"}
 # Phi-3-vision's config.json says "su"; Phi-3.5's "longrope" (the same scaling under its later name).

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from .. import contract
+from phi3v_ort.package import contract
 
 _CORPUS = """\
 Could you please introduce this stock to me? Help me get the title and author information of this book.

@@ -1,0 +1,243 @@
+"""The terminal chat loop behind `phi3v-ort chat`: lines in, streamed answers out, a few slash commands.
+
+Interactive (a terminal): line editing and history through readline, a prompt on stderr, Ctrl-D leaves.
+Scripted (stdin is not a terminal): one turn per line, no prompt. Answers go to stdout, everything else to stderr.
+
+Images are loaded and prepared for the model when they are attached (`-i` at the start: a bad one ends the
+command with one error; `/image` later: one error line), so a question never fails on an image it cannot read.
+A turn that fails (context too long, any unexpected error) is one `Error: ...` line, the history is kept and the
+chat goes on. Ctrl-C during an answer stops it (the turn keeps what was generated); before the first token it
+cancels the question, and its images stay attached for the next one (so do the images of a refused question:
+/detach drops them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from phi3v_ort.engine import guidance
+from phi3v_ort.engine.conversation import Conversation
+from phi3v_ort.errors import Phi3vError
+from phi3v_ort.engine.generation import Finished, Notice
+from phi3v_ort.engine.guidance import outcome
+from phi3v_ort.inputs.images import ImageInput, load_image
+from phi3v_ort.cli.phase import Phase, reading
+
+HELP = """Commands:
+  /image PATH   attach an image (path, URL) to your next question (repeatable)
+  /detach       drop the images attached to your next question
+  /reset        start over (forget the conversation and its images)
+  /stats        the last answer's stats
+  /format KIND  the answers' format from the next question on: text, json (any object), schema FILE_OR_JSON,
+                regex PATTERN, grammar FILE.lark (a change re-prefills the conversation once)
+  /save FILE    save the transcript as JSON (never over an existing file)
+  /save! FILE   the same, replacing FILE if it exists
+  /help         this help
+  /quit         leave (or Ctrl-D)
+Ctrl-C stops an answer; before the answer starts it cancels the question and keeps its images attached."""
+HISTORY = Path(os.environ.get("PHI3V_ORT_HISTORY", Path.home() / ".phi3v_ort_history"))
+
+
+def _setup_readline() -> None:
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return
+    try:
+        readline.read_history_file(HISTORY)
+    except OSError:
+        pass
+    import atexit
+
+    atexit.register(lambda: _save_history(readline))
+
+
+def _save_history(readline) -> None:
+    try:
+        readline.set_history_length(1000)
+        readline.write_history_file(HISTORY)
+    except OSError:
+        pass
+
+
+def save_transcript(conversation: Conversation, path: str, overwrite: bool = False) -> Path:
+    """Write atomically: a failed write never leaves a half-written file where a good one was."""
+    target = Path(path).expanduser()
+    if not overwrite and target.exists():
+        raise Phi3vError(f"{target} already exists: /save! {path} replaces it")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(conversation.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise Phi3vError(f"cannot save the transcript to {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a Phi3vError's own sentence, anything else with its type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, Phi3vError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _prepare(conversation: Conversation, image: ImageInput, phase: Phase | None = None):
+    """Check an image the way the model will take it, now rather than at the next question."""
+    if phase is not None:
+        phase.show("preparing image")
+    try:
+        return conversation.prepare_image(image)
+    except Phi3vError:
+        raise
+    except Exception as exc:
+        raise Phi3vError(f"the model cannot take image {image.source}: {_one_line(exc)}") from None
+    finally:
+        if phase is not None:
+            phase.clear()
+
+
+def _ask(conversation: Conversation, question: str, attached: list, out: TextIO, err: TextIO,
+         phase: Phase | None = None) -> list:
+    """One turn; returns the images attached for the next question. Once the turn has started (a token came or
+    the conversation recorded it) its images belong to it; a turn that never started leaves them attached.
+    `phase`: a phase line (stderr on a terminal) until the first event; og holds the GIL through the prefill, so
+    it is a static line, not an animation."""
+    last = conversation.turns[-1] if conversation.turns else None
+    generated = False
+    phase = phase or Phase(err, enabled=False)
+    try:
+        phase.show(reading([conversation.pipeline.image_tokens(p) for p in attached]))
+        with closing(conversation.ask(question, attached)) as events:
+            for event in events:
+                phase.clear()  # the first event ends the wait (a notice, or the answer's first token)
+                if isinstance(event, Notice):
+                    err.write(f"[{event.message}]\n")
+                else:
+                    generated = True
+                    out.write("\n" if isinstance(event, Finished) else event.text)
+                out.flush()
+                if isinstance(event, Finished):  # a constrained answer that is not complete says so
+                    result = outcome(conversation.settings.guidance, event.text, event.stats.finish_reason,
+                                     event.stats.generated_tokens)
+                    if not result.complete:
+                        err.write(f"Error: {result.problem}\n")
+        return []
+    except KeyboardInterrupt:
+        error = None
+    except Exception as exc:  # one line, never a traceback that ends the chat
+        error = _one_line(exc)
+    finally:
+        phase.clear()
+    if generated or (conversation.turns and conversation.turns[-1] is not last):
+        out.write("\n")
+        out.flush()
+        err.write(f"Error: {error}\n" if error else "[answer stopped]\n")
+        return []
+    still = f"{len(attached)} image{'' if len(attached) == 1 else 's'} still attached"
+    if error:
+        err.write(f"Error: {error}" + (f" ({still}; /detach drops them)" if attached else "") + "\n")
+    else:
+        err.write("\n[question cancelled" + (f"; {still}" if attached else "") + "]\n")
+    return attached
+
+
+def _command(conversation: Conversation, line: str, attached: list, err: TextIO, format_stats,
+             phase: Phase | None = None) -> bool:
+    """A slash command (it may change `attached` in place); returns False to leave the chat."""
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if command in ("/quit", "/exit"):
+        return False
+    if command == "/help":
+        err.write(HELP + "\n")
+    elif command == "/image":
+        if not arg:
+            raise Phi3vError("/image needs a path or URL")
+        attached.append(_prepare(conversation, load_image(arg), phase))
+        err.write(f"attached {arg} ({len(attached)} image(s) for the next question)\n")
+    elif command == "/detach":
+        err.write(f"detached {len(attached)} image(s)\n")
+        attached.clear()
+    elif command == "/reset":
+        conversation.reset()
+        attached.clear()
+        err.write("conversation reset\n")
+    elif command == "/format":
+        conversation.settings = replace(conversation.settings, guidance=_format(arg))
+        err.write(f"answers from the next question on: {arg.split(' ', 1)[0] if arg else 'text'}\n")
+    elif command == "/stats":
+        err.write((format_stats(conversation.last_stats) if conversation.last_stats else "no answer yet") + "\n")
+    elif command in ("/save", "/save!"):
+        if not arg:
+            raise Phi3vError(f"{command} needs a file name")
+        err.write(f"saved {save_transcript(conversation, arg, overwrite=command == '/save!')}\n")
+    else:
+        raise Phi3vError(f"unknown command {command} (/help lists them)")
+    return True
+
+
+def _format(arg: str):
+    """`/format` KIND [ARG] -> the output constraint (None for text)."""
+    kind, _, value = arg.partition(" ")
+    value = value.strip()
+    if kind in ("", "text"):
+        return None
+    if kind == "json":
+        return guidance.json_object("/format json")
+    needs = {"schema": "a schema file or inline JSON", "regex": "a pattern", "grammar": "a .lark file"}
+    if kind not in needs:
+        raise Phi3vError(f"/format takes text, json, schema, regex or grammar, not {kind!r}")
+    if not value:
+        raise Phi3vError(f"/format {kind} needs {needs[kind]}")
+    option = {"schema": "json_schema_arg", "regex": "regex_arg", "grammar": "grammar_arg"}[kind]
+    return replace(guidance.from_cli(**{option: value}), label=f"/format {kind}")
+
+
+def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO, out: TextIO, err: TextIO,
+             interactive: bool, format_stats, phase: Phase | None = None) -> int:
+    """The loop; returns the exit code. `images` (the `-i` ones) are prepared first: a bad one raises Phi3vError.
+    `phase`: the phase line on stderr (phase.Phase: shown only on a terminal); None shows nothing."""
+    attached = [_prepare(conversation, image, phase) for image in images]
+    if interactive:
+        _setup_readline()
+        err.write("Chat with Phi-3-vision. /help for commands, Ctrl-D to leave.\n")
+    while True:
+        try:
+            if interactive:
+                line = input("> ")
+            else:
+                line = stdin.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            err.write("\n")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("/"):
+            attached = _ask(conversation, line, attached, out, err, phase)
+            continue
+        try:
+            if not _command(conversation, line, attached, err, format_stats, phase):
+                break
+        except KeyboardInterrupt:
+            err.write("\n[command cancelled]\n")
+        except Exception as exc:
+            err.write(f"Error: {_one_line(exc)}\n")
+    return 0
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()

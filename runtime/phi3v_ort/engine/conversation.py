@@ -1,0 +1,304 @@
+"""A conversation that keeps one og.Generator (and its KV cache) alive across turns.
+
+og's own example throws the generator away after every turn and re-encodes the image and the whole transcript,
+so each turn pays the full time to first token again (> 1,900 image tokens per image). Here a later turn appends
+only its own tokens to the kept generator.
+
+What og 0.18 does, measured on the fixture (tests/engine/test_conversation.py checks each point):
+- `set_inputs()` runs the prefill at once. `generate_next_token()` appends the chosen token to the sequence but
+  computes its KV only when logits are next needed (the next `generate_next_token()`, or `get_logits()`);
+  `append_tokens()` does not do that first. A turn cut by its token budget therefore ends with a token that is in
+  the sequence but not in the cache, and appending the next turn straight away leaves a hole there: the next
+  turn's logits match neither the transcript with that token nor without it. The conversation calls
+  `get_logits()` first, which feeds it.
+- A turn that ends on `<|end|>` is different: og marks the generator done and does not append `<|end|>` to the
+  sequence at all, and the token before it is already fed. Calling `get_logits()` there would feed `<|end|>` at a
+  position the sequence does not have (the next turn's logits are then off), so nothing is flushed; `append_tokens`
+  revives the generator. Either way the next turn starts with `<|end|>\n<|user|>\n...`, and its tokens equal a fresh
+  prefill of the whole transcript (exactly, on the fixture; tests/engine/test_conversation.py checks both endings).
+- A later turn that brings a new image cannot continue the generator: `set_inputs()` on a live generator and
+  `append_tokens()` with image ids both fail in the embedding model (the vision model runs only for the first
+  inputs). Such a turn re-prefills the transcript with all images, and says so.
+- `Generator.rewind_to` is not supported for phi3v, so nothing here relies on it.
+- An output constraint (settings.guidance) is fixed when a generator is created: a turn that changes it (or turns
+  it on or off) re-prefills, and so does a constrained turn after an answer cut mid-structure (guidance.py).
+
+Budget: the generator's max_length is fixed when it is created (the shared KV buffer is allocated at that size):
+prompt tokens + max_new_tokens + `reserve_tokens` (default 2048, room for follow-up turns), capped at the
+context. When the next turn would not fit, the conversation starts a fresh generator with the transcript
+re-prefilled; with `drop_old_turns` (the chat) it drops the oldest turns (with their images) until it fits and says
+so, without it (the server, where the client owns the history) it refuses with ContextTooLong. A turn that cannot
+fit even alone is refused and the history is kept.
+
+Prompts are segments (prompt.py) tokenized by the runtime (tokens.py): the continuation's ids are exactly the
+suffix a fresh prefill of the whole transcript would have, and answers generated here stay as their own ids, so a
+re-prefill reads exactly what the kept cache holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from phi3v_ort.errors import Phi3vError
+from phi3v_ort.engine.generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
+from phi3v_ort.engine.guidance import GuidanceFailed
+from phi3v_ort.inputs.images import ImageInput
+from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, make_pipeline
+from phi3v_ort.engine.kv_cache import kv_cache_bytes
+from phi3v_ort.package.loading import LoadedModel
+from phi3v_ort.inputs.prompt import END, NEWLINE, Segment, answer_turn, system_turn, user_turn
+from phi3v_ort.engine.settings import GenerationSettings, create_generator, search_options
+
+DEFAULT_RESERVE_TOKENS = 2048
+
+
+class ContextTooLong(Phi3vError):
+    """The conversation (or one turn) needs more tokens than the model's context holds."""
+
+    def __init__(self, message: str, requested: int, allowed: int):
+        super().__init__(message)
+        self.requested, self.allowed = requested, allowed
+
+
+@dataclass
+class Turn:
+    question: str
+    images: list  # prepared images (the pipeline's prepare_image results): PreparedImage or OgImage
+    answer: str = ""
+    answer_ids: list[int] = field(default_factory=list)  # ids generated here; empty for an answer given as text
+
+
+@dataclass
+class _Live:
+    """The kept generator and its fixed budget."""
+
+    generator: object
+    max_length: int
+    sampling: tuple  # the og search options it was created with (other than its length): fixed for its life
+    unfed_last_token: bool = False  # the last turn was cut by its budget: its last token still needs feeding
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.generator.get_sequence(0))
+
+
+class Conversation:
+    """Turns about images, streamed as the same events as generation.stream()."""
+
+    def __init__(self, model: LoadedModel, settings: GenerationSettings = GenerationSettings(),
+                 system: str | None = None, reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+                 processor: str = DEFAULT_PROCESSOR, crops: int | None = None, drop_old_turns: bool = True):
+        self.model = model
+        self.settings = settings
+        self.system = system
+        system_turn(system)  # refuses image tags in the system message now, not at the first question
+        self.reserve_tokens = reserve_tokens
+        self.pipeline = make_pipeline(model.builder, processor, crops)
+        self.drop_old_turns = drop_old_turns
+        self.turns: list[Turn] = []
+        self.last_stats: GenerationStats | None = None
+        self._live: _Live | None = None
+
+    def prepare_image(self, image: ImageInput):
+        """Decoded image -> what this conversation's pipeline feeds the model (checks it, at attach time)."""
+        return self.pipeline.prepare_image(image)
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every turn and free the KV cache."""
+        self.turns.clear()
+        self.last_stats = None
+        self._live = None
+
+    @property
+    def images(self) -> list:
+        return [img for turn in self.turns for img in turn.images]
+
+    def ask(self, question: str, images: Sequence = ()) -> Iterator[TokenEvent | Notice | Finished]:
+        """Answer the next user turn; continues the kept generator when it can, else re-prefills (with a Notice).
+        `images`: ImageInputs, or what prepare_image made of them."""
+        started = time.perf_counter()
+        load_s = sum(img.load_s for img in images if isinstance(img, ImageInput))
+        turn = Turn(question, [self.prepare_image(i) if isinstance(i, ImageInput) else i for i in images])
+        first_image = len(self.images) + 1
+        user = user_turn(question, first_image, len(images))  # validates the user's own image tags
+        live = self._live
+        continuation: list[int] | None = None
+        reason = None
+        if live is not None:
+            if images:
+                reason = "a new image needs the vision model, which runs only on a fresh generator"
+            elif live.sampling[-1] != self._sampling()[-1]:
+                reason = "the output constraint changed, and og fixes it when a generator is created"
+            elif live.sampling != self._sampling():
+                reason = "the sampling settings changed, and og fixes them when a generator is created"
+            elif self.settings.guidance is not None and live.unfed_last_token:
+                reason = "the last answer was cut before its output constraint was complete"
+            else:
+                continuation = self._continuation_ids(live, user)
+                if live.seq_len + len(continuation) + self.settings.max_new_tokens > live.max_length:
+                    reason = (f"the next turn would not fit the generator's budget of {live.max_length} tokens")
+                    continuation = None
+        if continuation is not None:
+            yield from self._continue(turn, continuation, started)
+        else:
+            kept = self._fit(turn)  # refuses before anything changes
+            if reason:
+                yield Notice(f"re-prefilling the conversation: {reason}")
+            yield from self._prefill(turn, kept, started - load_s, reason)
+
+    def to_dict(self) -> dict:
+        """The transcript, for /save."""
+        return {"system": self.system,
+                "turns": [{"question": t.question, "images": [i.source for i in t.images], "answer": t.answer,
+                           "answer_ids": t.answer_ids} for t in self.turns],
+                "last_stats": self.last_stats.to_dict() if self.last_stats else None}
+
+    # -- the two ways a turn starts --------------------------------------------------------------------------------
+
+    def _continuation_ids(self, live: _Live, user: list[Segment]) -> list[int]:
+        """The next turn's tokens: `<|end|>` (never in og's sequence, see above), then the user turn; no BOS, as
+        they continue the prompt's last chunk."""
+        return self.model.builder.tokenizer.encode([END, NEWLINE, *user], start=False).tolist()
+
+    def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
+        live = self._live
+        assert live is not None
+        t_prefill = time.perf_counter()
+        try:
+            if live.unfed_last_token:
+                live.generator.get_logits()  # feeds the token that ended the last turn (og computes it lazily)
+                live.unfed_last_token = False
+            live.generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        except BaseException:  # Ctrl-C or an error mid-append: the cache may hold a turn the transcript lacks
+            self._live = None  # the next turn re-prefills from the transcript
+            raise
+        yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
+                                prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
+
+    def _prefill(self, turn: Turn, kept: list[Turn], started: float,
+                 reason: str | None) -> Iterator[TokenEvent | Notice | Finished]:
+        self._live = None  # free the old cache before allocating the new one
+        images = [img for t in kept for img in t.images] + turn.images
+        inputs = self.pipeline.inputs(self._transcript(kept, turn), images, self.model)
+        prompt_tokens = inputs.prompt_tokens
+        self._check_fits(prompt_tokens)
+        max_length = min(self.model.info.context_length,
+                         prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
+        generator = create_generator(self.model.og_model, self.settings, max_length,
+                                     self.model.policy.share_buffer)  # compiles a constraint, before the prefill
+        preprocess_s = time.perf_counter() - started
+
+        t_prefill = time.perf_counter()
+        generator.set_inputs(inputs.to_og())
+        self._live = _Live(generator=generator, max_length=max_length, sampling=self._sampling())
+        if len(kept) < len(self.turns):  # only now: a prefill interrupted before this point drops nothing
+            dropped = len(self.turns) - len(kept)
+            self.turns = kept
+            yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
+        yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
+                                prompt_tokens=prompt_tokens, image_tokens=inputs.image_tokens, kv_reused=False,
+                                reason=reason)
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    def _decode(self, turn: Turn, live: _Live, started: float, t_prefill: float, *, preprocess_s: float,
+                prompt_tokens: int, image_tokens: tuple[int, ...], kv_reused: bool,
+                reason: str | None) -> Iterator[TokenEvent | Finished]:
+        eos = self.model.info.eos_token_id
+        generator = live.generator
+        tokens: list[int] = []
+        pieces: list[str] = []
+        clock = DecodeClock(t_prefill, t_prefill)
+        self.turns.append(turn)  # part of the transcript from now on, even if the consumer stops early
+        turn_start = live.seq_len
+        try:
+            for event in decode_tokens(generator, self.model.tokenizer, eos, self.settings.max_new_tokens, clock):
+                tokens.append(event.token_id)
+                pieces.append(event.text)
+                turn.answer = "".join(pieces)
+                yield event
+        except GuidanceFailed:  # og's constraint state is broken: the next turn starts a fresh generator
+            self._live = None
+            raise
+        finally:
+            # What og holds is the truth, also after Ctrl-C or an abandoned stream.
+            turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]
+            live.unfed_last_token = bool(tokens) and tokens[-1] != eos
+
+        t_first, t_last = clock.t_first, clock.t_last
+        prefill_s, decode_s = t_first - t_prefill, t_last - t_first
+        stats = GenerationStats(
+            prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,
+            time_to_first_token_s=t_first - started,
+            prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0, decode_s=decode_s,
+            decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+            generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
+            max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=self.model.cuda_graph,
+            kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
+            kv_reused=kv_reused, reprefill_reason=reason)
+        self.last_stats = stats
+        yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
+
+    def _sampling(self) -> tuple:
+        """What a generator is created with besides its length: the search options, then the output constraint
+        (last: ask() names a changed constraint as such)."""
+        options = search_options(self.settings, 0, self.model.policy.share_buffer)
+        return tuple(sorted((k, v) for k, v in options.items() if k not in ("max_length", "min_length"))) + (
+            ("guidance", self.settings.guidance),)
+
+    # -- transcript --------------------------------------------------------------------------------------------
+
+    def _transcript(self, turns: list[Turn], new: Turn) -> list[Segment]:
+        return transcript(self.system, turns, new)
+
+    def count_tokens(self, turns: list[Turn], new: Turn) -> int:
+        """Prompt tokens of a transcript, exactly, without building pixels."""
+        images = [img for t in turns for img in t.images] + new.images
+        ids = self.model.builder.tokenizer.encode(self._transcript(turns, new),
+                                                  [self.pipeline.image_tokens(i) for i in images])
+        return len(ids)
+
+    def _check_fits(self, prompt_tokens: int) -> None:
+        context = self.model.info.context_length
+        if prompt_tokens + 1 > context:
+            raise ContextTooLong(f"the conversation is {prompt_tokens} tokens (images included) but the model's "
+                                 f"context is {context}: it cannot fit with even one new token",
+                                 prompt_tokens + self.settings.max_new_tokens, context)
+
+    def _fit(self, new: Turn) -> list[Turn]:
+        """The most recent past turns that fit the context with the new turn and its answer; with
+        drop_old_turns off, all of them or ContextTooLong. Nothing changes here: the caller applies it."""
+        context = self.model.info.context_length
+        budget = context - min(self.settings.max_new_tokens, context // 2)
+        kept = list(self.turns)
+        needed = self.count_tokens(kept, new)
+        if needed > budget and not self.drop_old_turns:
+            raise ContextTooLong(f"the conversation needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+                                 f"for the answer, but the model's context is {context} tokens",
+                                 needed + self.settings.max_new_tokens, context)
+        while kept and needed > budget:
+            kept.pop(0)
+            needed = self.count_tokens(kept, new)
+        if needed > budget:
+            raise ContextTooLong(f"this turn alone needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+                                 f"for the answer, but the model's context is {context} tokens: the conversation "
+                                 "is kept as it was", needed + self.settings.max_new_tokens, context)
+        return kept
+
+
+def transcript(system: str | None, turns: list[Turn], new: Turn) -> list[Segment]:
+    """The whole conversation as prompt segments: images numbered across turns, answers generated here as their
+    own ids, answers given as text as plain text."""
+    segments = system_turn(system)
+    number = 1
+    for t in turns:
+        segments += user_turn(t.question, number, len(t.images))
+        segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
+        number += len(t.images)
+    return segments + user_turn(new.question, number, len(new.images))

@@ -1,0 +1,160 @@
+"""Images in: local paths, http(s) URLs and stdin, decoded once and checked with Pillow.
+
+Every image is decoded here, once: EXIF orientation applied, any mode converted to RGB (alpha composited on white,
+16-bit scaled), decompression bombs refused. The runtime's own pipeline (pixels.py) works on that RGB image, so
+every format Pillow reads works, PNGs wider than og's 16384-px limit included.
+
+Only `--processor og` needs bytes again: og's decoder reads only JPEG and PNG and other formats kill the whole
+process inside its processor (see the release contract). `og_bytes()` hands it the original bytes when they are
+an RGB PNG or JPEG with no EXIF rotation (keeping og's own JPEG rounding), else a lossless PNG of the RGB image.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from phi3v_ort.errors import Phi3vError
+
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459x9459)
+MAX_BYTES = 50 * 1024 * 1024
+URL_TIMEOUT_S = 20.0
+PASS_THROUGH_FORMATS = {"PNG", "JPEG"}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One decoded, checked image: its RGB pixels, the bytes it came as, and where it came from."""
+
+    source: str
+    data: bytes  # the bytes as read (their hash identifies the image)
+    image: Image.Image = field(repr=False)  # RGB, EXIF orientation applied
+    pass_through: bool  # `data` is an RGB PNG/JPEG og reads exactly as Pillow does
+    load_s: float  # read + decode + conversion time
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    def og_bytes(self) -> bytes:
+        """PNG or JPEG bytes for og's own processor (`--processor og`)."""
+        if self.pass_through:
+            return self.data
+        out = io.BytesIO()
+        self.image.save(out, format="PNG", compress_level=1)  # lossless; speed over size, it never leaves memory
+        return out.getvalue()
+
+
+def load_image(source: str, stdin: BinaryIO | None = None, *, max_bytes: int = MAX_BYTES,
+               max_pixels: int = MAX_PIXELS, timeout: float = URL_TIMEOUT_S) -> ImageInput:
+    """Read `source` (a path, an http(s) URL, or '-' for stdin) and return an image og can take."""
+    started = time.perf_counter()
+    if source == "-":
+        stream = stdin
+        if stream is None:
+            import sys
+
+            stream = sys.stdin.buffer
+        raw = stream.read(max_bytes + 1)
+        label = "stdin"
+    elif source.startswith(("http://", "https://")):
+        raw = _download(source, max_bytes, timeout)
+        label = source
+    else:
+        raw = _read_file(Path(source).expanduser(), max_bytes)
+        label = source
+    if len(raw) > max_bytes:
+        raise Phi3vError(f"image {label} is larger than the {max_bytes // (1024 * 1024)} MB limit")
+    if not raw:
+        raise Phi3vError(f"image {label} is empty")
+    image, pass_through = decode(raw, label, max_pixels)
+    return ImageInput(source=label, data=raw, image=image, pass_through=pass_through,
+                      load_s=time.perf_counter() - started)
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    if not path.exists():
+        raise Phi3vError(f"image file not found: {path}")
+    if path.is_dir():
+        raise Phi3vError(f"image path {path} is a directory, not an image file")
+    try:
+        with path.open("rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        raise Phi3vError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
+
+def _download(url: str, max_bytes: int, timeout: float) -> bytes:
+    """The CLI's own URLs: the same fetcher as the server (one deadline for the whole image, redirects followed
+    by hand), private addresses allowed (it is the user's machine), and the precise cause in the message."""
+    from phi3v_ort.inputs.remote import RemoteImageError, fetch_image_bytes
+
+    try:
+        return fetch_image_bytes(url, max_bytes=max_bytes, deadline_s=timeout, allow_private=True)
+    except RemoteImageError as exc:
+        if exc.too_large:
+            raise Phi3vError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit") from None
+        if exc.cause.startswith("content type "):
+            raise Phi3vError(f"{url} is not an image (the server says {exc.cause.removeprefix('content type ')})") \
+                from None
+        raise Phi3vError(f"could not download {url}: {exc.cause}") from None
+
+
+def decode(raw: bytes, label: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, bool]:
+    """Bytes -> (an RGB image with EXIF orientation applied, whether the bytes can go to og unchanged)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Phi3vError(f"image {label} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
+                                 "(a possible decompression bomb)")
+            img.load()
+    except Phi3vError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Phi3vError(f"image {label} is too large to decode safely (a possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise Phi3vError(f"{label} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise Phi3vError(f"image {label} could not be decoded ({exc})") from None
+
+    orientation = img.getexif().get(0x0112, 1)
+    pass_through = img.format in PASS_THROUGH_FORMATS and img.mode == "RGB" and orientation in (0, 1)
+    if orientation not in (0, 1):
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img), pass_through
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited on white, 16/32-bit scaled to 8 bits, CMYK and palettes
+    converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        img = Image.fromarray(((arr - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img

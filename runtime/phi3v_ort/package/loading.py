@@ -1,0 +1,177 @@
+"""Open a Phi-3-vision package: read genai_config.json, check the folder, load it with the chosen provider."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3v_ort.package import contract
+from phi3v_ort.package.device import preload_cuda_libraries, resolve_device
+from phi3v_ort.errors import Phi3vError
+from phi3v_ort.inputs.pipeline import InputBuilder
+from phi3v_ort.engine.kv_cache import KVCachePolicy
+
+NEW_FORMAT_REPO = "microsoft/Phi-3-vision-128k-instruct-onnx"
+MIN_MODEL_BYTES = 1024  # an .onnx smaller than this is a stub or a half-written file
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """What a package folder declares, read from its genai_config.json (file names included)."""
+
+    path: Path
+    model_type: str
+    files: contract.FileNames
+    built_for: str  # "cuda" or "cpu": the provider the package's config asks for
+    io_dtype: str  # "float16" (GPU release) or "float32" (CPU release)
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    context_length: int
+    vocab_size: int
+    eos_token_id: int
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.io_dtype == "float16" else 4
+
+
+def _fail_if_missing(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise Phi3vError(f"the model folder {path.parent} is incomplete: {what} {path.name} is missing")
+
+
+def read_package(path: str | Path) -> PackageInfo:
+    """Check a package folder against the release contract without loading any model."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise Phi3vError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise Phi3vError(f"--model-dir must be a folder, but {path} is a file")
+    config_path = path / "genai_config.json"
+    if not config_path.is_file():
+        raise Phi3vError(f"{path} is not a Phi-3-vision ONNX package: it has no genai_config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        model = config["model"]
+        decoder, embedding, vision = model["decoder"], model.get("embedding"), model.get("vision")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Phi3vError(f"{config_path} is not a readable onnxruntime-genai config ({exc})") from None
+
+    if vision and contract.LEGACY_VISION_OUTPUT in json.dumps(vision.get("outputs", {})):
+        raise Phi3vError(f"{path} is a legacy-format Phi-3-vision package (vision output "
+                         f"'{contract.LEGACY_VISION_OUTPUT}') that onnxruntime-genai >= 0.5 cannot run; "
+                         f"use {NEW_FORMAT_REPO} instead")
+    if model.get("type") != contract.MODEL_TYPE or not vision or not embedding:
+        raise Phi3vError(f"{path} holds a model of type {model.get('type')!r}, not a Phi-3-vision package "
+                         f"(type {contract.MODEL_TYPE!r} with vision and embedding models)")
+
+    files = contract.FileNames(vision=vision["filename"], embedding=embedding["filename"],
+                               decoder=decoder["filename"])
+    for role, name in (("vision model", files.vision), ("embedding model", files.embedding),
+                       ("decoder", files.decoder)):
+        _fail_if_missing(path / name, role)
+        if (path / name).stat().st_size < MIN_MODEL_BYTES:
+            raise Phi3vError(f"the model folder {path} is incomplete: {role} {name} is truncated")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        _fail_if_missing(path / name, "file")
+
+    providers = decoder.get("session_options", {}).get("provider_options", [])
+    built_for = "cuda" if any("cuda" in p for p in providers) else "cpu"
+    try:
+        return PackageInfo(
+            path=path.resolve(), model_type=model["type"], files=files, built_for=built_for,
+            io_dtype="float16" if built_for == "cuda" else "float32",
+            num_layers=int(decoder["num_hidden_layers"]), hidden_size=int(decoder["hidden_size"]),
+            num_heads=int(decoder["num_attention_heads"]), num_kv_heads=int(decoder["num_key_value_heads"]),
+            head_size=int(decoder["head_size"]), context_length=int(model["context_length"]),
+            vocab_size=int(model["vocab_size"]), eos_token_id=_first(model["eos_token_id"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Phi3vError(f"{config_path} lacks a field the runtime needs ({exc})") from None
+
+
+def _first(value) -> int:
+    return int(value[0] if isinstance(value, list) else value)
+
+
+def default_threads(workers: int = 1) -> int:
+    """Intra-op threads per model on the CPU: the CPUs this process may use, shared among the workers.
+
+    og 0.18 runs one intra-op thread here unless told. Measured on the `small` package, 2-core machine: 2 threads
+    instead of 1 cut an image prefill from 23.8 s to 12.8 s and lifted decode from 74.7 to 141.5 tokens/s (issue
+    11's measurement), and batch items/s 1.85x (benchmarks/results/bench-cpu-small.md). More threads than cores
+    only adds contention (two workers with one thread each answer two requests no faster than one worker with two:
+    benchmarks/results/server-cpu-small.md), so the default divides the usable CPUs among the worker processes.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
+def thread_overlay(threads: int) -> str:
+    """og's config overlay setting intra_op_num_threads for the vision, embedding and decoder sessions."""
+    options = {"session_options": {"intra_op_num_threads": int(threads)}}
+    return json.dumps({"model": {"decoder": options, "embedding": options, "vision": options}})
+
+
+@dataclass
+class LoadedModel:
+    """A package opened on one device: the og model, its tokenizer and processor, and the runtime's own input
+    pipeline (inputs.InputBuilder)."""
+
+    info: PackageInfo
+    device: str  # "cuda" or "cpu"
+    policy: KVCachePolicy
+    og_model: object
+    tokenizer: object
+    processor: object
+    builder: InputBuilder
+    threads: int | None = None  # intra-op threads per session on the CPU (None: og's own default)
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.device == "cuda" and self.policy.cuda_graph
+
+
+def open_inputs(info: PackageInfo) -> InputBuilder:
+    """The runtime's input pipeline for a package, without loading any model."""
+    return InputBuilder(info.path, info.files.vision)
+
+
+def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = KVCachePolicy(),
+               threads: int | None = None) -> LoadedModel:
+    """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy and,
+    on the CPU, `threads` intra-op threads per session (default: default_threads())."""
+    import onnxruntime_genai as og
+
+    info = read_package(path)
+    builder = open_inputs(info)
+    resolved = resolve_device(device)
+    if resolved == "cuda":
+        preload_cuda_libraries()
+    if threads is not None and threads < 1:
+        raise Phi3vError(f"--threads must be at least 1, got {threads}")
+    threads = (threads or default_threads()) if resolved == "cpu" else threads
+    config = og.Config(str(info.path))
+    if threads:
+        config.overlay(thread_overlay(threads))
+    config.clear_providers()
+    if resolved == "cuda":
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1" if policy.cuda_graph else "0")
+    try:
+        model = og.Model(config)
+        tokenizer = og.Tokenizer(model)
+        processor = model.create_multimodal_processor()
+    except RuntimeError as exc:
+        raise Phi3vError(f"onnxruntime-genai could not load {info.path} on {resolved}: "
+                         f"{str(exc).strip().splitlines()[0]}") from None
+    return LoadedModel(info=info, device=resolved, policy=policy, og_model=model, tokenizer=tokenizer,
+                       processor=processor, builder=builder, threads=threads)
