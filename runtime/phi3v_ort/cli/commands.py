@@ -584,7 +584,7 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
     ids = [it.id for it in data.items] + [b.id for b in data.bad if b.id is not None]
     if use_ray:
         try:
-            from phi3v_ort.batch import on_ray
+            from phi3v_ort.batch import on_ray as distributed
         except ImportError as exc:
             raise Phi3vError(f"--ray needs Ray Data ({exc.name or exc} is missing): "
                              "pip install 'phi3v-ort[ray]'") from None
