@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from phi3v_ort.cli.commands import export_cmd  # noqa: E402
+from phi3v_ort.cli.export import export_cmd  # noqa: E402
 
 if __name__ == "__main__":
     export_cmd.main(sys.argv[1:], prog_name="export_model.py")  # the command alone, under this script's name

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from phi3v_ort.cli.commands import fetch  # noqa: E402
+from phi3v_ort.cli.models import fetch  # noqa: E402
 
 if __name__ == "__main__":
     fetch.main(sys.argv[1:], prog_name="fetch_model.py")  # the command alone, under this script's name

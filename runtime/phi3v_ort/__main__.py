@@ -1,3 +1,3 @@
-from phi3v_ort.cli.commands import main
+from phi3v_ort.cli import main
 
 main()

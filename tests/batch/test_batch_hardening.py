@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import phi3v_ort.cli.commands as cli_module
+import phi3v_ort.cli.batch as cli_module
 import phi3v_ort.batch.runner as batch_module
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 from phi3v_ort.errors import Phi3vError
 
 RUN = ["--max-new-tokens", "4"]
@@ -44,7 +44,7 @@ def no_model(monkeypatch):
         calls.append(args)
         raise AssertionError("the model was loaded although the command should have stopped before")
 
-    monkeypatch.setattr(cli_module, "open_model", refuse)
+    monkeypatch.setattr(cli_module, "start_workers", refuse)
     return calls
 
 

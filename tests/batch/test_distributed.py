@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 from tests.conftest import make_png
 
@@ -66,7 +66,7 @@ def test_local_batch_never_imports_ray(tiny_dir, tmp_path):
     code = f"""
 import sys
 from click.testing import CliRunner
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 r = CliRunner().invoke(cli, ["batch", {str(tmp_path / "in")!r}, "--question", "What?", "-o",
                              {str(tmp_path / "o.jsonl")!r}, "--model-dir", {str(tiny_dir)!r}, "--max-new-tokens", "2"])
 assert r.exit_code == 0, r.output

@@ -8,7 +8,7 @@ import time
 
 from click.testing import CliRunner
 
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 
 def test_chat_through_stdin(tiny_dir, png, tmp_path):

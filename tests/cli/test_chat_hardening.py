@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from phi3v_ort.cli.chat_loop import HELP, run_chat
-from phi3v_ort.cli.commands import cli, format_stats
+from phi3v_ort.cli import cli
+from phi3v_ort.cli.output import format_stats
 from phi3v_ort.engine.conversation import Conversation
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.inputs.images import load_image

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from phi3v_ort.package import contract
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 from tests.engine.test_bare_generation import _prompt, bare_generate, bare_generate_arrays
 

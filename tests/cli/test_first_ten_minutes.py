@@ -17,7 +17,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "tests" / "data" / "chart.png"
@@ -269,7 +269,7 @@ def test_run_shows_phases_on_a_terminal_and_nothing_otherwise(tiny_dir):
 
 def test_chat_phase_line_is_cleared_before_each_answer(tiny_dir):
     from phi3v_ort.cli.chat_loop import run_chat
-    from phi3v_ort.cli.commands import format_stats
+    from phi3v_ort.cli.output import format_stats
     from phi3v_ort.engine.conversation import Conversation
     from phi3v_ort.inputs.images import load_image
     from phi3v_ort.package.loading import load_model

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from phi3v_ort.engine import guidance as G
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 from phi3v_ort.engine.conversation import Conversation
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.generation import Notice, generate

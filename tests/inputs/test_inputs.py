@@ -61,7 +61,7 @@ def assert_one_line_error(result, *needles) -> str:
 
 
 def cli(*args):
-    from phi3v_ort.cli.commands import cli as group
+    from phi3v_ort.cli import cli as group
 
     return CliRunner().invoke(group, [str(a) for a in args])
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from phi3v_ort.package.catalog import PHI3, find_variant
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 from phi3v_ort.package.fetch import locate
 
 from tests.package.fake_hub import FakeHub

@@ -22,7 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from phi3v_ort.cli.commands import cli  # noqa: E402
+from phi3v_ort.cli import cli  # noqa: E402
 from phi3v_ort.server.app import ServerLimits, create_app  # noqa: E402
 from phi3v_ort.workers.pool import WorkerSpec  # noqa: E402
 

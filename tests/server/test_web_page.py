@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 from tests.conftest import Served
 

@@ -1,0 +1,42 @@
+"""What the commands print: the stats block, the `run --json` object, and Ctrl-C during a prefill."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def prefill_interruptible():
+    """og 0.18 holds the GIL for a whole prefill (minutes for the real model on a CPU), so Python's Ctrl-C handler
+    would run only when it returns. During the prefill of `run` there is no answer yet to keep, so Ctrl-C there
+    ends the process at once (the signal's default action; the shell reports 130), and Python's handler is back
+    for the answer (which keeps the partial text). Only in the main thread, where signals can be set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not \
+            signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def format_stats(stats) -> str:
+    images = ", ".join(str(n) for n in stats.image_tokens) or "none"
+    return "\n".join([
+        f"prompt tokens      {stats.prompt_tokens} (image tokens: {images})",
+        f"preprocessing      {stats.preprocess_s * 1000:.1f} ms",
+        f"time to 1st token  {stats.time_to_first_token_s * 1000:.1f} ms "
+        f"(prefill {stats.prefill_tokens_per_s:.1f} tokens/s)",
+        f"decode             {stats.decode_tokens_per_s:.1f} tokens/s",
+        f"generated          {stats.generated_tokens} tokens, finish reason: {stats.finish_reason}",
+        f"KV cache           {stats.kv_cache_bytes / 2**20:.1f} MiB for max_length {stats.max_length} "
+        f"({'shared buffer' if stats.share_buffer else 'growing'}"
+        f"{', CUDA graph' if stats.cuda_graph else ''}, {stats.device})",
+    ] + (["conversation       continued the kept KV cache (only this turn's tokens were prefilled)"]
+         if stats.kv_reused else []) + ([f"conversation       re-prefilled: {stats.reprefill_reason}"]
+                                        if stats.reprefill_reason else []))

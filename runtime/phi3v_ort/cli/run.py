@@ -1,0 +1,121 @@
+"""`phi3v-ort run`: one question about images, the answer streamed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import click
+
+from phi3v_ort.cli.group import cli
+from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, note_cuda_graph,
+                                   open_model, sampling_options, threads_option)
+from phi3v_ort.cli.output import format_stats, prefill_interruptible
+from phi3v_ort.engine.settings import GenerationSettings
+from phi3v_ort.errors import Phi3vError
+
+
+@cli.command(short_help="Ask a question about images; the answer streams to stdout.")
+@click.argument("question")
+@click.option("-i", "--image", "images", multiple=True, metavar="PATH|URL|-",
+              help="An image to ask about (repeatable; '-' reads stdin).")
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="A system message put before the question.")
+@input_options
+@threads_option
+@click.option("--no-share-buffer", is_flag=True, help="Let the KV cache grow per token instead of one static buffer.")
+@click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs for decoding (CUDA only; ignored, and said "
+              "so, on the CPU).")
+@click.option("--stats", "show_stats", is_flag=True, help="Print timing and memory stats on stderr after the answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming: text, token_ids, "
+              "prompt_tokens, num_image_tokens, finish_reason (parsed with a constraint), stats.")
+@guidance_options
+@hands_settings
+def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
+        settings: GenerationSettings, system: str | None, crops: int | None, processor: str, threads: int | None,
+        no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool) -> None:
+    """Ask QUESTION about zero or more images; the answer streams to stdout.
+
+    On a terminal, a phase line on stderr says what is happening until the answer starts (preparing image, reading
+    image (N tokens)); nothing of it when stderr is not a terminal.
+
+    \b
+    Examples:
+      phi3v-ort run -i chart.png "Could you please introduce this stock to me?"
+      phi3v-ort run -i a.jpg -i b.jpg "What is difference in this two images?"
+      phi3v-ort run -i https://example.com/cover.jpg --stats "Who wrote this book?"
+      cat photo.png | phi3v-ort run -i - --json "Describe the image."
+      phi3v-ort run --model-dir tests/fixtures/tiny-int4-cpu -i tests/data/chart.png --max-new-tokens 32 "Hi"
+    """
+    from phi3v_ort.engine import guidance
+    from phi3v_ort.engine.generation import Finished, prepare as prepare_inputs, stream_prepared
+    from phi3v_ort.inputs.images import load_image
+    from phi3v_ort.engine.kv_cache import KVCachePolicy
+    from phi3v_ort.cli.phase import Phase, preparing, reading
+
+    policy = KVCachePolicy(share_buffer=not no_share_buffer, cuda_graph=cuda_graph)
+    if images.count("-") > 1:
+        raise Phi3vError("stdin ('-') can be given as an image only once")
+    loaded_images = [load_image(src) for src in images]
+    phase = Phase(sys.stderr)  # only when stderr is a terminal
+    try:
+        loaded = open_model(model, model_dir, device, policy, threads, phase=phase)
+        if cuda_graph and loaded.device != "cuda":
+            phase.clear()
+            note_cuda_graph(cuda_graph, loaded.device)
+    except BaseException:
+        phase.clear()
+        raise
+
+    out = sys.stdout
+    finished = None
+    try:
+        with prefill_interruptible():
+            phase.show(preparing(len(loaded_images)))
+            prepared = prepare_inputs(loaded, question, loaded_images, system, processor, crops)
+            phase.show(reading(prepared.image_tokens, prepared.prompt_tokens))
+            events = stream_prepared(loaded, prepared, settings)
+            first = next(events)  # the prefill: og holds the GIL until it returns (so the phase line is static)
+        phase.clear()  # the first token is here: the answer replaces the phase line
+        for event in itertools.chain([first], events):
+            if isinstance(event, Finished):
+                finished = event
+            elif not as_json and event.text:
+                out.write(event.text)
+                out.flush()
+    except KeyboardInterrupt:
+        phase.clear()
+        if not as_json:
+            out.write("\n")
+            out.flush()
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    finally:
+        phase.clear()
+
+    assert finished is not None
+    result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
+                              finished.stats.generated_tokens)
+    if as_json:
+        # one name per fact: the counts and the finish reason at the top level (as `prepare --json` names them),
+        # timings and memory in stats
+        stats = {k: v for k, v in finished.stats.to_dict().items()
+                 if k not in ("prompt_tokens", "image_tokens", "finish_reason")}
+        click.echo(json.dumps({
+            "text": finished.text,
+            "token_ids": list(finished.token_ids),
+            "prompt_tokens": finished.stats.prompt_tokens,
+            "num_image_tokens": list(finished.stats.image_tokens),
+            "finish_reason": finished.stats.finish_reason,
+            **({"parsed": result.parsed} if result.has_parsed else {}),
+            "stats": stats,
+        }, ensure_ascii=False))
+    else:
+        out.write("\n")
+        out.flush()
+    if show_stats:
+        click.echo(format_stats(finished.stats), err=True)
+    if not result.complete:  # a constrained answer that is not complete is never passed off as fine
+        raise Phi3vError(result.problem)

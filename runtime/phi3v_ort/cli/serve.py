@@ -1,0 +1,69 @@
+"""`phi3v-ort serve`: the OpenAI-compatible server (phi3v_ort.server) over worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from phi3v_ort.cli.group import cli
+from phi3v_ort.cli.options import model_options, start_workers, threads_option
+from phi3v_ort.errors import Phi3vError
+
+
+@cli.command(short_help="Serve an OpenAI-compatible API and a web page to try it.")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0: every interface; think of --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="The TCP port to listen on.")
+@click.option("--api-key", default=None, envvar="PHI3V_ORT_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 (also from $PHI3V_ORT_API_KEY).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model worker processes, each with its own model, one answer at a time each (worker i on GPU i "
+              "when there are enough GPUs).")
+@threads_option
+@click.option("--processor", type=click.Choice(["own", "og"]), default="own", show_default=True,
+              help="own: the runtime's input pipeline (the reference processor's behaviour); og: onnxruntime-genai's.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests waiting for a worker; beyond: 429.")
+@click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
+@click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
+@click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
+          workers: int, threads: int | None, processor: str, max_queue: int, allow_remote_images: bool,
+          model_name: str | None, quiet: bool) -> None:
+    """An OpenAI-compatible server with a web page; the models run in worker processes.
+
+    Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
+    /v1/models and /health. Logs one line per request on stderr (method, path, status, prompt and completion
+    tokens, time to first token, total time) unless --quiet.
+
+    \b
+    Examples:
+      phi3v-ort serve                                  # then open http://127.0.0.1:8000/
+      phi3v-ort serve --model-dir tests/fixtures/tiny-int4-cpu --port 8001
+      phi3v-ort serve --host 0.0.0.0 --api-key s3cret --workers 2
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+    """
+    try:
+        from phi3v_ort.server.app import ServerLimits, bind_socket, create_app, serve_forever
+    except ImportError as exc:
+        raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
+    sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
+    try:
+        pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+    except BaseException:
+        sock.close()
+        raise
+    spec = pool.workers[0].spec
+    name = model_name or model or Path(spec.model_dir).name
+    limits = ServerLimits(max_queue=max_queue)
+    app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet)
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"
+               f"{f', {spec.threads} thread(s) each' if spec.threads else ''}) on http://{shown}:{port}/v1 "
+               f"(web page: http://{shown}:{port}/)", err=True)
+    serve_forever(app, host, port, limits.grace_s, sock=sock)
