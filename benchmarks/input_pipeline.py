@@ -41,7 +41,7 @@ from phi3v_ort.package import contract  # noqa: E402
 from phi3v_ort.bench.common import chart_image, environment, image_input, summarize, write_result  # noqa: E402
 from phi3v_ort.engine.generation import Finished, TokenEvent, stream  # noqa: E402
 from phi3v_ort.inputs.images import decode  # noqa: E402
-from phi3v_ort.package.loading import load_model  # noqa: E402
+from phi3v_ort.engine.model import load_model  # noqa: E402
 from phi3v_ort.inputs.pixels import prepare_image  # noqa: E402
 from phi3v_ort.inputs.prompt import build_prompt, render  # noqa: E402
 from phi3v_ort.engine.settings import GenerationSettings  # noqa: E402

@@ -26,7 +26,7 @@ from phi3v_ort.bench.common import (  # noqa: E402
 from phi3v_ort.engine.generation import Finished, prepare, stream  # noqa: E402
 from phi3v_ort.inputs.images import load_image  # noqa: E402
 from phi3v_ort.engine.kv_cache import KVCachePolicy  # noqa: E402
-from phi3v_ort.package.loading import load_model  # noqa: E402
+from phi3v_ort.engine.model import load_model  # noqa: E402
 from phi3v_ort.inputs.prompt import build_prompt, render  # noqa: E402
 from phi3v_ort.engine.settings import GenerationSettings  # noqa: E402
 

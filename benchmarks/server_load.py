@@ -124,7 +124,7 @@ def in_process(model_dir: str, reps: int, max_tokens: int) -> dict:
     """The runtime's stream() in this process (the server's generation path before worker processes)."""
     from phi3v_ort.engine.generation import Finished, stream
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.engine.settings import GenerationSettings
 
     model = load_model(model_dir, "cpu")

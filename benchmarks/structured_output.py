@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from phi3v_ort.engine import guidance as G  # noqa: E402
 from phi3v_ort.bench.common import chart_image, environment, image_input, summarize, write_result  # noqa: E402
 from phi3v_ort.engine.generation import Finished, stream  # noqa: E402
-from phi3v_ort.package.loading import load_model  # noqa: E402
+from phi3v_ort.engine.model import load_model  # noqa: E402
 from phi3v_ort.engine.settings import GenerationSettings, create_generator  # noqa: E402
 
 QUESTION = "Describe this chart as JSON with a description field."

@@ -74,7 +74,7 @@ def test_streamed_text_equals_the_json_text(tiny_dir, png):
 def test_stream_events_join_to_the_final_text(tiny_dir, png):
     from phi3v_ort.engine.generation import Finished, TokenEvent, stream
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.engine.settings import GenerationSettings
 
     model = load_model(tiny_dir, device="cpu")

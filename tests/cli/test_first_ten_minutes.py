@@ -272,7 +272,7 @@ def test_chat_phase_line_is_cleared_before_each_answer(tiny_dir):
     from phi3v_ort.cli.output import format_stats
     from phi3v_ort.engine.conversation import Conversation
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.cli.phase import Phase
     from phi3v_ort.engine.settings import GenerationSettings
 

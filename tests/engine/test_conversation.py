@@ -7,7 +7,7 @@ import pytest
 from phi3v_ort.engine.conversation import Conversation
 from phi3v_ort.engine.generation import Finished, Notice, prepare
 from phi3v_ort.inputs.images import load_image
-from phi3v_ort.package.loading import load_model
+from phi3v_ort.engine.model import load_model
 from phi3v_ort.inputs.prompt import user_turn
 from phi3v_ort.engine.settings import GenerationSettings
 

@@ -13,7 +13,7 @@ from phi3v_ort.engine.conversation import Conversation
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.generation import Notice, generate
 from phi3v_ort.inputs.images import load_image
-from phi3v_ort.package.loading import load_model
+from phi3v_ort.engine.model import load_model
 from phi3v_ort.server.openai_request import ApiError, parse_request
 from phi3v_ort.engine.settings import GenerationSettings
 

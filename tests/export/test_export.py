@@ -53,7 +53,7 @@ def greedy(package: Path, png, reference=None, n_images: int = 1) -> tuple[list[
     """(og's greedy tokens through the runtime, the torch reference's on the very same arrays)."""
     from phi3v_ort.engine.generation import generate, prepare
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.engine.settings import GenerationSettings
 
     model = load_model(package, device="cpu")

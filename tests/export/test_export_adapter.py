@@ -1,4 +1,4 @@
-"""phi3v_ort.export.adapter: the exporter's own tensor-by-tensor LoRA merge, checked against peft (the oracle), and
+"""phi3v_ort.reference.lora: the exporter's own tensor-by-tensor LoRA merge, checked against peft (the oracle), and
 `Phi3VisionReference.apply_adapter`, the peft-driven reference the exporter validates against."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ pytestmark = [needs_build, pytest.mark.build]
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-from phi3v_ort.export.adapter import AdapterError, LoraAdapter
+from phi3v_ort.reference.lora import AdapterError, LoraAdapter
 from phi3v_ort.reference.modules import Phi3VImageEmbedding
-from phi3v_ort.reference.model import Phi3VisionReference, _targets
+from phi3v_ort.reference.model import Phi3VisionReference, parameter_targets
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, Phi3Config, Phi3ForCausalLM
 
@@ -281,7 +281,7 @@ def test_apply_adapter_equals_merged_weights(tmp_path):
     with_peft = copy.deepcopy(base).apply_adapter(tmp_path)
 
     adapter = LoraAdapter.open(tmp_path)
-    params = _targets(merged.decoder, merged.vision)
+    params = parameter_targets(merged.decoder, merged.vision)
     adapter.check_against({k: tuple(v.shape) for k, v in params.items()})
     with torch.no_grad():
         for name, param in params.items():

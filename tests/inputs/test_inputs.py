@@ -68,7 +68,7 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def model(tiny_dir):
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
 
     return load_model(tiny_dir, "cpu")
 

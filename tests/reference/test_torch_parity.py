@@ -55,7 +55,7 @@ def built(synthetic):
 
 @pytest.fixture(scope="module")
 def runtime_model(built):
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
 
     return load_model(built, device="cpu")
 

@@ -131,7 +131,7 @@ def test_cuda_package_builds_without_gpu_and_loads_on_cpu(synthetic, png):
     # the runtime's own pipeline reads the fp16 input from the vision model and feeds it in that dtype
     from phi3v_ort.engine.generation import generate, prepare
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.engine.settings import GenerationSettings
 
     loaded = load_model(out, "cpu")

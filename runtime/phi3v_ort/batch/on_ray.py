@@ -44,7 +44,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phi3v_ort.batch.runner import (BatchInput, Item, OutputState, Plan, Progress, _fsync_folder, _ids, check_output, error_message,
+from phi3v_ort.batch.runner import (BatchInput, Item, OutputState, Plan, Progress, fsync_folder, item_ids, check_output, error_message,
                     finished_row, open_output, plan_run)
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.generation import Finished, GenerationStats
@@ -111,7 +111,7 @@ class Answerer:
         from phi3v_ort.package.fetch import resolve_model_dir
         from phi3v_ort.inputs.pipeline import make_pipeline
         from phi3v_ort.engine.kv_cache import KVCachePolicy
-        from phi3v_ort.package.loading import load_model
+        from phi3v_ort.engine.model import load_model
 
         try:
             self.model = load_model(resolve_model_dir(model, model_dir, device), device, KVCachePolicy(), threads)
@@ -250,7 +250,7 @@ class ParquetSink:
                         part.unlink()
                     elif not all(keep):
                         self._replace(part, table.filter(pa.array(keep)))
-                _fsync_folder(folder)
+                fsync_folder(folder)
         except OSError as exc:
             raise Phi3vError(f"cannot write the output {folder}: {exc.strerror or exc}") from None
 
@@ -265,7 +265,7 @@ class ParquetSink:
         self.count += 1
         try:
             self._replace(self.folder / f"part-{self.run}-{self.count:06d}.parquet", to_table(lines))
-            _fsync_folder(self.folder)
+            fsync_folder(self.folder)
         except OSError as exc:
             raise Phi3vError(f"cannot write the output {self.folder}: {exc.strerror or exc}") from None
 
@@ -305,7 +305,7 @@ def run_ray_batch(data: BatchInput, output: str | Path, settings: GenerationSett
 
     output = Path(output)
     sink_type = ParquetSink if is_parquet(output) else JsonlSink
-    plan = plan_run(data.items, check(output, data.source, _ids(data.items, data.bad), retry_errors), data.bad,
+    plan = plan_run(data.items, check(output, data.source, item_ids(data.items, data.bad), retry_errors), data.bad,
                     retry_errors)
     progress = plan.progress
     if device not in ("auto", "cpu", "cuda"):

@@ -310,10 +310,10 @@ def _rewrite(output: Path, lines: Iterable[bytes]) -> None:
         except OSError:
             pass
         raise
-    _fsync_folder(real.parent)
+    fsync_folder(real.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -362,7 +362,7 @@ class Plan:
     progress: Progress
 
 
-def _ids(items: Sequence[Item], bad: Sequence[BadLine]) -> list[str]:
+def item_ids(items: Sequence[Item], bad: Sequence[BadLine]) -> list[str]:
     ids = [it.id for it in items] + [b.id for b in bad if b.id is not None]
     if len(set(ids)) != len(ids):
         repeated = next(i for i in ids if ids.count(i) > 1)
@@ -375,7 +375,7 @@ def plan_run(items: Sequence[Item], state: OutputState, bad: Sequence[BadLine] =
     """The resume rules: ids whose last line is an answer are skipped; ids whose last line is an error run again
     (unless `retry_errors` is False); every other id runs. `state`: what the output holds (check_output)."""
     with_id = [b for b in bad if b.id is not None]
-    wanted = set(_ids(items, bad))
+    wanted = set(item_ids(items, bad))
     last = state.last_is_error()
     failed_before = {i for i in wanted if last.get(i) is True}
     retry = failed_before if retry_errors else set()
@@ -416,7 +416,7 @@ def run_batch(pool, pipeline, items: list[Item], output: Path, settings: Generat
     `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
     lines dropped first) unless `retry_errors` is False."""
     output = Path(output)
-    plan = plan_run(items, check_output(output, ids=_ids(items, bad), retry_errors=retry_errors), bad,
+    plan = plan_run(items, check_output(output, ids=item_ids(items, bad), retry_errors=retry_errors), bad,
                     retry_errors)
     todo, todo_bad, progress = plan.todo, plan.todo_bad, plan.progress
     out = open_output(output, plan)

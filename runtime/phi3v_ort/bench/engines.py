@@ -35,7 +35,7 @@ class OrtEngine:
     def __init__(self, model_dir: str, device: str, share_buffer: bool = True, cuda_graph: bool = False,
                  threads: int | None = None, processor: str = "own", crops: int | None = None):
         from phi3v_ort.engine.kv_cache import KVCachePolicy
-        from phi3v_ort.package.loading import load_model
+        from phi3v_ort.engine.model import load_model
 
         t0 = time.perf_counter()
         self.model = load_model(model_dir, device=device, threads=threads,

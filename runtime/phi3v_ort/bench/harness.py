@@ -85,7 +85,7 @@ def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
 
     from phi3v_ort.engine.generation import prepare
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
 
     model = load_model(cfg.model_dir, device="cpu", threads=cfg.threads)
     prepared = {}

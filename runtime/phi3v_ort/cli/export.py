@@ -47,11 +47,11 @@ def export_cmd(checkpoint: str, out: str, variant: str, adapter: str | None, fam
     """
     try:
         from phi3v_ort.export.exporter import ExportError, export_checkpoint
-        from phi3v_ort.reference.model import CheckpointError
+        from phi3v_ort.reference.names import CheckpointError
     except ImportError as exc:
         raise Phi3vError(f"export needs the build extra ({exc.name} is missing): pip install torch -e '.[build]'") \
             from None
-    from phi3v_ort.export.adapter import AdapterError
+    from phi3v_ort.reference.lora import AdapterError
     from phi3v_ort.export.decoder import BuilderError
 
     if adapter is not None and not Path(adapter).is_dir():

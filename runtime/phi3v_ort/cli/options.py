@@ -24,7 +24,7 @@ def open_model(model: str | None, model_dir: str | None, device: str, policy=Non
     """The one way the commands get a loaded model (`phase`: a phase.Phase told when loading starts)."""
     from phi3v_ort.package.fetch import resolve_model_dir
     from phi3v_ort.engine.kv_cache import KVCachePolicy
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
 
     folder = resolve_model_dir(model, model_dir, device)  # may fetch, with the hub client's own progress
     if phase is not None:

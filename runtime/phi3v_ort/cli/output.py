@@ -40,3 +40,19 @@ def format_stats(stats) -> str:
     ] + (["conversation       continued the kept KV cache (only this turn's tokens were prefilled)"]
          if stats.kv_reused else []) + ([f"conversation       re-prefilled: {stats.reprefill_reason}"]
                                         if stats.reprefill_reason else []))
+
+
+def answer_json(finished, result) -> dict:
+    """`run --json`'s object. One name per fact: the counts and the finish reason at the top level (as
+    `prepare --json` names them), `parsed` only with a constraint, timings and memory in `stats`."""
+    stats = {k: v for k, v in finished.stats.to_dict().items()
+             if k not in ("prompt_tokens", "image_tokens", "finish_reason")}
+    return {
+        "text": finished.text,
+        "token_ids": list(finished.token_ids),
+        "prompt_tokens": finished.stats.prompt_tokens,
+        "num_image_tokens": list(finished.stats.image_tokens),
+        "finish_reason": finished.stats.finish_reason,
+        **({"parsed": result.parsed} if result.has_parsed else {}),
+        "stats": stats,
+    }

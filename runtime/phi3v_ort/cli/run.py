@@ -11,7 +11,7 @@ import click
 from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, note_cuda_graph,
                                    open_model, sampling_options, threads_option)
-from phi3v_ort.cli.output import format_stats, prefill_interruptible
+from phi3v_ort.cli.output import answer_json, format_stats, prefill_interruptible
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
 
@@ -99,19 +99,7 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
                               finished.stats.generated_tokens)
     if as_json:
-        # one name per fact: the counts and the finish reason at the top level (as `prepare --json` names them),
-        # timings and memory in stats
-        stats = {k: v for k, v in finished.stats.to_dict().items()
-                 if k not in ("prompt_tokens", "image_tokens", "finish_reason")}
-        click.echo(json.dumps({
-            "text": finished.text,
-            "token_ids": list(finished.token_ids),
-            "prompt_tokens": finished.stats.prompt_tokens,
-            "num_image_tokens": list(finished.stats.image_tokens),
-            "finish_reason": finished.stats.finish_reason,
-            **({"parsed": result.parsed} if result.has_parsed else {}),
-            "stats": stats,
-        }, ensure_ascii=False))
+        click.echo(json.dumps(answer_json(finished, result), ensure_ascii=False))
     else:
         out.write("\n")
         out.flush()

@@ -49,7 +49,7 @@ from phi3v_ort.engine.guidance import GuidanceFailed
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, make_pipeline
 from phi3v_ort.engine.kv_cache import kv_cache_bytes
-from phi3v_ort.package.loading import LoadedModel
+from phi3v_ort.engine.model import LoadedModel
 from phi3v_ort.inputs.prompt import END, NEWLINE, Segment, answer_turn, system_turn, user_turn
 from phi3v_ort.engine.settings import GenerationSettings, create_generator, search_options
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, ModelInputs, make_pipeline
 from phi3v_ort.engine.kv_cache import plan
-from phi3v_ort.package.loading import LoadedModel
+from phi3v_ort.engine.model import LoadedModel
 from phi3v_ort.inputs.prompt import build_prompt
 from phi3v_ort.engine.guidance import decode_failure, is_guidance_failure
 from phi3v_ort.engine.settings import GenerationSettings, create_generator

@@ -13,7 +13,8 @@ from phi3v_ort.engine.generation import prepare
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import ModelInputs, make_pipeline
 from phi3v_ort.inputs.prompt import build_prompt
-from phi3v_ort.package.loading import load_model, open_inputs, read_package
+from phi3v_ort.engine.model import load_model
+from phi3v_ort.package.loading import open_inputs, read_package
 
 
 def preview(folder: str | Path, question: str, images: Sequence[ImageInput] = (), system: str | None = None,

@@ -220,7 +220,7 @@ def _run_og(package_dir: Path, steps: int, threads: int | None, eos: tuple[int, 
     import onnxruntime_genai as og
 
     from phi3v_ort.engine.generation import prepare
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
 
     started = time.perf_counter()
     loaded = load_model(package_dir, device="cpu", threads=threads)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from phi3v_ort.reference.model import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, _normalise_key,
-                               _shard_files, _targets, decoder_config, is_bare, vision_config)
+from phi3v_ort.reference.model import decoder_config, parameter_targets, vision_config
+from phi3v_ort.reference.names import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, is_bare,
+                                       normalise_key, shard_files)
 
 FAMILIES = ("phi-3", "phi-3.5")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -152,7 +153,7 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         decoder = Phi3ForCausalLM(dec_cfg)
         vision = Phi3VImageEmbedding(clip_cfg, dec_cfg.hidden_size)
-    return {k: tuple(v.shape) for k, v in _targets(decoder, vision).items()}
+    return {k: tuple(v.shape) for k, v in parameter_targets(decoder, vision).items()}
 
 
 def _scan(path: Path) -> dict[str, StoredTensor]:
@@ -160,7 +161,7 @@ def _scan(path: Path) -> dict[str, StoredTensor]:
     token embedding again) stands in for `model.embed_tokens.weight` only when that is absent."""
     from safetensors import safe_open
 
-    files = _shard_files(path)
+    files = shard_files(path)
     found: dict[str, StoredTensor] = {}
     wte: StoredTensor | None = None
     bare: bool | None = None
@@ -173,7 +174,7 @@ def _scan(path: Path) -> dict[str, StoredTensor]:
                 for key in keys:
                     sl = f.get_slice(key)
                     stored = StoredTensor(key, file, tuple(int(d) for d in sl.get_shape()), sl.get_dtype())
-                    name = _normalise_key(key, bare)
+                    name = normalise_key(key, bare)
                     if name == WTE_ALIAS:
                         wte = stored
                         continue

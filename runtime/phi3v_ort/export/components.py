@@ -11,7 +11,8 @@ import torch
 
 from phi3v_ort.package import contract
 from phi3v_ort.reference.modules import Phi3VImageEmbedding, Phi3VTextEmbedding
-from phi3v_ort.reference.model import EMBED_TOKENS, _construction, vision_targets
+from phi3v_ort.reference.model import construction, vision_targets
+from phi3v_ort.reference.names import EMBED_TOKENS
 from phi3v_ort.export.checkpoint import Checkpoint
 
 OPSET = 17
@@ -21,7 +22,7 @@ def load_modules(ckpt: Checkpoint, adapter=None) -> tuple[Phi3VImageEmbedding, P
     """The image embedding and the text embedding in float32, filled from the checkpoint (the vision tower and
     the token embedding only: a few hundred MB even for the full model), the adapter merged where it applies."""
     dec = ckpt.decoder_config()
-    with _construction(torch.float32, "cpu"):
+    with construction(torch.float32, "cpu"):
         image = Phi3VImageEmbedding(ckpt.clip_config(), dec.hidden_size)
         text = Phi3VTextEmbedding(dec.vocab_size, dec.hidden_size)
     targets = {**vision_targets(image), EMBED_TOKENS: text.embed_tokens.weight}
@@ -44,7 +45,7 @@ def export_embeddings(checkpoint: str, family: str, adapter: str | None, staging
     ckpt = Checkpoint.open(checkpoint, family)
     lora = None
     if adapter is not None:
-        from phi3v_ort.export.adapter import LoraAdapter
+        from phi3v_ort.reference.lora import LoraAdapter
 
         lora = LoraAdapter.open(adapter)
     log("vision and embedding: loading the vision tower and token embedding")

@@ -80,7 +80,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
         ckpt = Checkpoint.open(checkpoint, family)
         lora = None
         if adapter is not None:
-            from phi3v_ort.export.adapter import LoraAdapter
+            from phi3v_ort.reference.lora import LoraAdapter
 
             lora = LoraAdapter.open(adapter)
             lora.check_against(ckpt.shapes())

@@ -1,4 +1,5 @@
-"""Open a Phi-3-vision package: read genai_config.json, check the folder, load it with the chosen provider."""
+"""A Phi-3-vision package on disk: read genai_config.json, check the folder, open its input pipeline (loading it into
+onnxruntime-genai is engine/model.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v_ort.package import contract
-from phi3v_ort.package.device import preload_cuda_libraries, resolve_device
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.inputs.pipeline import InputBuilder
-from phi3v_ort.engine.kv_cache import KVCachePolicy
 
 NEW_FORMAT_REPO = "microsoft/Phi-3-vision-128k-instruct-onnx"
 MIN_MODEL_BYTES = 1024  # an .onnx smaller than this is a stub or a half-written file
@@ -115,63 +114,6 @@ def default_threads(workers: int = 1) -> int:
     return max(1, cpus // max(1, workers))
 
 
-def thread_overlay(threads: int) -> str:
-    """og's config overlay setting intra_op_num_threads for the vision, embedding and decoder sessions."""
-    options = {"session_options": {"intra_op_num_threads": int(threads)}}
-    return json.dumps({"model": {"decoder": options, "embedding": options, "vision": options}})
-
-
-@dataclass
-class LoadedModel:
-    """A package opened on one device: the og model, its tokenizer and processor, and the runtime's own input
-    pipeline (inputs.InputBuilder)."""
-
-    info: PackageInfo
-    device: str  # "cuda" or "cpu"
-    policy: KVCachePolicy
-    og_model: object
-    tokenizer: object
-    processor: object
-    builder: InputBuilder
-    threads: int | None = None  # intra-op threads per session on the CPU (None: og's own default)
-
-    @property
-    def cuda_graph(self) -> bool:
-        return self.device == "cuda" and self.policy.cuda_graph
-
-
 def open_inputs(info: PackageInfo) -> InputBuilder:
     """The runtime's input pipeline for a package, without loading any model."""
     return InputBuilder(info.path, info.files.vision)
-
-
-def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = KVCachePolicy(),
-               threads: int | None = None) -> LoadedModel:
-    """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy and,
-    on the CPU, `threads` intra-op threads per session (default: default_threads())."""
-    import onnxruntime_genai as og
-
-    info = read_package(path)
-    builder = open_inputs(info)
-    resolved = resolve_device(device)
-    if resolved == "cuda":
-        preload_cuda_libraries()
-    if threads is not None and threads < 1:
-        raise Phi3vError(f"--threads must be at least 1, got {threads}")
-    threads = (threads or default_threads()) if resolved == "cpu" else threads
-    config = og.Config(str(info.path))
-    if threads:
-        config.overlay(thread_overlay(threads))
-    config.clear_providers()
-    if resolved == "cuda":
-        config.append_provider("cuda")
-        config.set_provider_option("cuda", "enable_cuda_graph", "1" if policy.cuda_graph else "0")
-    try:
-        model = og.Model(config)
-        tokenizer = og.Tokenizer(model)
-        processor = model.create_multimodal_processor()
-    except RuntimeError as exc:
-        raise Phi3vError(f"onnxruntime-genai could not load {info.path} on {resolved}: "
-                         f"{str(exc).strip().splitlines()[0]}") from None
-    return LoadedModel(info=info, device=resolved, policy=policy, og_model=model, tokenizer=tokenizer,
-                       processor=processor, builder=builder, threads=threads)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from phi3v_ort.package.device import gpu_count, resolve_device
 from phi3v_ort.package.fetch import hub_cache, locate, model_target, resolve_model_dir
-from phi3v_ort.package.loading import load_model
+from phi3v_ort.engine.model import load_model
 
 VERSIONED = ("phi3v-ort", "onnxruntime-genai-cuda", "onnxruntime-gpu", "numpy", "pillow", "click", "huggingface-hub")
 

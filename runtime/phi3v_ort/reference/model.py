@@ -48,6 +48,8 @@ from transformers import CLIPVisionConfig, Phi3Config, Phi3ForCausalLM
 
 from phi3v_ort.package import contract
 from phi3v_ort.reference.modules import Phi3VImageEmbedding, Phi3VTextEmbedding
+from phi3v_ort.reference.names import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX,
+                                       WTE_ALIAS, CheckpointError, is_bare, normalise_key, shard_files)
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -60,29 +62,12 @@ CLIP_VIT_L_14_336: dict[str, Any] = {
 }
 KNOWN_CLIP_MODELS = {"openai/clip-vit-large-patch14-336": CLIP_VIT_L_14_336}
 
-VISION_PREFIX = "model.vision_embed_tokens."
-# The real remote code keeps the token embedding inside the image embedding too (`wte`, the same tensor); a
-# checkpoint that stores it under that name instead of model.embed_tokens.weight is accepted.
-WTE_ALIAS = VISION_PREFIX + "wte.weight"
-EMBED_TOKENS = "model.embed_tokens.weight"
-# Buffers some transformers versions saved and ours recompute (non-persistent here): safe to drop.
-IGNORED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq|\.embeddings\.position_ids)$")
-# The CLIP tower's two spellings (transformers <= 4.x with the inner `vision_model`, transformers 5 without).
-CLIP_NESTED = VISION_PREFIX + "img_processor.vision_model."
-CLIP_FLAT = VISION_PREFIX + "img_processor."
-# Keys of a checkpoint saved from the bare Phi3VModel (no "model." prefix): the only prefix difference handled.
-BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.", "vision_embed_tokens.")
-
 # config.json keys that are Phi-3-V's own (vision tower, remote code, bookkeeping), not Phi3Config's.
 NON_DECODER_KEYS = {
     "model_type", "architectures", "auto_map", "img_processor", "embd_layer", "vision_config", "synthetic_preset",
     "_attn_implementation", "attn_implementation", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
     "rope_scaling", "rope_parameters", "rope_theta", "quantization_config",
 }
-
-
-class CheckpointError(ValueError):
-    """The checkpoint folder cannot be loaded into the reference (missing files, keys, or shapes)."""
 
 
 # -- config ------------------------------------------------------------------------------------------------------
@@ -159,66 +144,33 @@ def vision_config(cfg: Mapping[str, Any], override: CLIPVisionConfig | Mapping[s
 
 # -- weights -----------------------------------------------------------------------------------------------------
 
-def _shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        files = sorted(path.glob("model-*-of-*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path} has no model.safetensors, model.safetensors.index.json or "
-                                  f"model-0000k-of-0000n.safetensors shards")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{path} is incomplete: shard(s) {', '.join(missing)} listed in the index are missing")
-    return files
-
-
-def _normalise_key(key: str, bare: bool) -> str:
-    """A checkpoint name in the release's spelling, with the CLIP tower flat (see the module docstring)."""
-    if bare and key.startswith(BARE_PREFIXES):
-        key = "model." + key
-    if key.startswith(CLIP_NESTED):
-        key = CLIP_FLAT + key[len(CLIP_NESTED):]
-    return key
-
-
-def is_bare(names) -> bool:
-    """Names saved from the bare Phi3VModel: none under `model.`, some under its own prefixes."""
-    names = list(names)
-    return not any(n.startswith("model.") for n in names) and any(n.startswith(BARE_PREFIXES) for n in names)
-
-
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(normalised name, name as stored, tensor) for every tensor of the checkpoint, shard by shard (one shard in
     memory at a time)."""
     from safetensors import safe_open
 
-    files = _shard_files(path)
+    files = shard_files(path)
     with safe_open(str(files[0]), framework="pt") as f:
         bare = is_bare(list(f.keys()))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                yield _normalise_key(key, bare), key, f.get_tensor(key)
+                yield normalise_key(key, bare), key, f.get_tensor(key)
 
 
 def vision_targets(vision: nn.Module) -> dict[str, torch.Tensor]:
-    """Normalised release name (`_normalise_key`) -> the vision module's parameter/persistent buffer it fills."""
-    return {_normalise_key(VISION_PREFIX + k, False): v for k, v in vision.state_dict(keep_vars=True).items()}
+    """Normalised release name (`normalise_key`) -> the vision module's parameter/persistent buffer it fills."""
+    return {normalise_key(VISION_PREFIX + k, False): v for k, v in vision.state_dict(keep_vars=True).items()}
 
 
-def _targets(decoder: nn.Module, vision: nn.Module) -> dict[str, torch.Tensor]:
-    """Normalised release name (`_normalise_key`) -> the parameter/persistent buffer it fills."""
+def parameter_targets(decoder: nn.Module, vision: nn.Module) -> dict[str, torch.Tensor]:
+    """Normalised release name (`normalise_key`) -> the parameter/persistent buffer it fills."""
     return {**decoder.state_dict(keep_vars=True), **vision_targets(vision)}
 
 
 def load_weights(path: Path, decoder: nn.Module, vision: nn.Module) -> None:
     """Copy the checkpoint's tensors into the modules; fail listing every missing, unexpected or misshapen key."""
-    targets = _targets(decoder, vision)
+    targets = parameter_targets(decoder, vision)
     filled: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -260,7 +212,7 @@ def load_weights(path: Path, decoder: nn.Module, vision: nn.Module) -> None:
 
 
 @contextmanager
-def _construction(dtype: torch.dtype, device: str | torch.device):
+def construction(dtype: torch.dtype, device: str | torch.device):
     """Build modules directly in `dtype` on `device`, skipping random init (every weight is overwritten)."""
     try:
         from transformers.initialization import no_init_weights
@@ -327,7 +279,7 @@ class Phi3VisionReference(nn.Module):
             raise CheckpointError(f"{config_path} has model_type {cfg.get('model_type')!r}, not 'phi3_v'")
         dec_cfg = decoder_config(cfg, dtype, attn_implementation)
         clip_cfg = vision_config(cfg, clip_config, attn_implementation)
-        with _construction(dtype, device):
+        with construction(dtype, device):
             decoder = Phi3ForCausalLM(dec_cfg)
             vision = Phi3VImageEmbedding(clip_cfg, dec_cfg.hidden_size)
         load_weights(path, decoder, vision)
@@ -338,12 +290,12 @@ class Phi3VisionReference(nn.Module):
 
     def apply_adapter(self, path: str | Path) -> Phi3VisionReference:
         """Apply a PEFT LoRA adapter folder in place, with peft itself (the oracle of the exporter's own merge,
-        `export.adapter`), and return self: afterwards `decoder` and `vision` compute the adapted model.
+        `reference.lora`), and return self: afterwards `decoder` and `vision` compute the adapted model.
 
         peft injects into a throwaway module whose names spell the checkpoint's (`model.layers...`,
         `model.vision_embed_tokens...`, `lm_head`) over this reference's own submodules, so the LoRA layers it
         puts on their parents are the ones this reference's forward runs. The adapter's keys are parsed and
-        checked (refusals included) by `export.adapter.LoraAdapter.open`; per-module rank and alpha are resolved
+        checked (refusals included) by `reference.lora.LoraAdapter.open`; per-module rank and alpha are resolved
         with peft's `get_pattern_key` on the names the adapter was trained with and handed to peft as exact names.
         Missing or unexpected adapter keys are an error.
         """
@@ -352,7 +304,7 @@ class Phi3VisionReference(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
         from peft.utils.other import get_pattern_key
 
-        from phi3v_ort.export.adapter import AdapterError, LoraAdapter
+        from phi3v_ort.reference.lora import AdapterError, LoraAdapter
 
         if getattr(self, "_adapter_path", None) is not None:
             raise ValueError(f"an adapter ({self._adapter_path}) is already applied to this reference")
@@ -364,7 +316,7 @@ class Phi3VisionReference(nn.Module):
             setattr(mirror.model, name, getattr(decoder, name))
         mirror.model.vision_embed_tokens = self.vision
         mirror.lm_head = self.decoder.lm_head
-        modules = {_normalise_key(n, False): n for n, _ in mirror.named_modules() if n}
+        modules = {normalise_key(n, False): n for n, _ in mirror.named_modules() if n}
 
         config = LoraConfig.from_pretrained(str(adapter.path))
         state: dict[str, torch.Tensor] = {}

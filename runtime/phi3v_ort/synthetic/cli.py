@@ -49,7 +49,7 @@ def main(preset: str, variant: str | None, precision: str | None, provider: str 
     elif precision or provider:
         raise click.UsageError("give either --variant or --precision/--provider, not both")
     try:
-        from phi3v_ort.reference.model import CheckpointError
+        from phi3v_ort.reference.names import CheckpointError
         from phi3v_ort.synthetic.package import BuildOptions, build_package
     except ImportError as exc:  # torch / transformers / onnx missing
         raise click.ClickException(f"building needs the build extra ({exc.name} is missing): "

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from phi3v_ort.package import contract
 from phi3v_ort.export.checkpoint import expected_tensors
-from phi3v_ort.reference.model import CLIP_FLAT, CLIP_NESTED, CLIP_VIT_L_14_336
+from phi3v_ort.reference.model import CLIP_VIT_L_14_336
+from phi3v_ort.reference.names import CLIP_FLAT, CLIP_NESTED
 from phi3v_ort.synthetic.presets import Preset
 from phi3v_ort.synthetic.tokenizer import write_tokenizer
 

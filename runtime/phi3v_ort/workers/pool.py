@@ -94,7 +94,7 @@ def _serve_jobs(spec: WorkerSpec, conn) -> None:
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     try:
-        from phi3v_ort.package.loading import load_model
+        from phi3v_ort.engine.model import load_model
 
         model = load_model(spec.model_dir, spec.device, spec.policy, spec.threads)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which turns it into one sentence

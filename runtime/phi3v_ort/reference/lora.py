@@ -4,7 +4,7 @@ time, so the adapter cannot be applied by loading the whole model into peft).
 An adapter folder is what peft's `save_pretrained` writes: `adapter_config.json` + `adapter_model.safetensors` (or
 the older `adapter_model.bin`), with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`
 (`lora_A.<adapter name>.weight` is tolerated too). Module paths are normalised to the checkpoint's canonical spelling
-with `torch_reference._normalise_key`: the CLIP tower flat (`...img_processor.encoder...` whichever of its two
+with `torch_reference.normalise_key`: the CLIP tower flat (`...img_processor.encoder...` whichever of its two
 spellings the adapter was trained on), and `layers.` -> `model.layers.` for an adapter trained on the inner
 Phi3VModel. The weight it changes is `<canonical module path>.weight`.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from phi3v_ort.reference.model import _normalise_key, is_bare
+from phi3v_ort.reference.names import is_bare, normalise_key
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -289,7 +289,7 @@ def _parse(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], file: P
             raise AdapterError(f"{file}: {source}.lora_A has rank {a.shape[0]}, but adapter_config.json gives it "
                                f"r={r}" + (f" (rank_pattern {r_key!r})" if r_key is not None else ""))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        name = _normalise_key(source, bare) + ".weight"
+        name = normalise_key(source, bare) + ".weight"
         if name in modules:
             raise AdapterError(f"{file} adapts {name} twice (as {modules[name].source} and {source})")
         modules[name] = LoraModule(name, source, a, b, r, alpha, scale)
