@@ -14,8 +14,16 @@ def _mib(x) -> str:
 
 
 def markdown(r: dict) -> str:
-    env, s = r["environment"], r["settings"]
+    """The whole report: settings, engines, generation, ratios, the vision sweep, workloads, the decode limit."""
     engines = [e for e in r["engines"] if "error" not in e]
+    lines = _header(r, engines) + _generation(r, engines) + _ratios(r) + _vision_sweep(engines)
+    for e in engines:
+        lines += _turn2(e) + _batch(e)
+    return "\n".join(lines + _decode_limit(r, engines)) + "\n"
+
+
+def _header(r: dict, engines: list[dict]) -> list[str]:
+    env, s = r["environment"], r["settings"]
     lines = [f"# phi3v-ort bench: {Path(s['model_dir']).name} on {s['device']}", "",
              f"- machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB"
              + (f", GPU {r['gpu']}" if r.get("gpu") else ""),
@@ -34,6 +42,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {e['label']} | {e['precision']} | {e.get('threads') or 'default'} | {e['load_s']:.1f} s | "
                      f"{_mib(mem.get('peak_rss_bytes'))} | {_mib(mem.get('gpu_memory_bytes'))} |")
 
+    return lines
+
+
+def _generation(r: dict, engines: list[dict]) -> list[str]:
+    lines: list[str] = []
     lines += ["", "## Generation (median, p90 in brackets)", "",
               "| scenario | engine | prompt tokens | preprocess ms | time to first token ms | prefill tok/s | "
               "decode tok/s | end to end s |", "|---|---|---|---|---|---|---|---|"]
@@ -47,6 +60,11 @@ def markdown(r: dict) -> str:
                          f"{_ms(m['ttft_s']['median'])} ({_ms(m['ttft_s']['p90'])}) | {m['prefill_tps']['median']:.0f} | "
                          f"{m['decode_tps']['median']:.1f} ({m['decode_tps']['p90']:.1f}) | {m['e2e_s']['median']:.2f} |")
 
+    return lines
+
+
+def _ratios(r: dict) -> list[str]:
+    lines: list[str] = []
     for ref, rows in r.get("ratios", {}).items():
         lines += ["", f"## phi3v-ort vs {ref}", "",
                   "| scenario | decode speed-up | prefill speed-up | TTFT ratio (ort/ref) | preprocessing share of ort TTFT |",
@@ -57,6 +75,11 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {row['decode_speedup']:.2f}x | {row['prefill_speedup']:.2f}x | "
                          f"{row['ttft_ratio']:.3f} | {row['preprocess_share_of_ttft']:.1%} |")
 
+    return lines
+
+
+def _vision_sweep(engines: list[dict]) -> list[str]:
+    lines: list[str] = []
     sweep = [e for e in engines if "vision-sweep" in e["scenarios"]]
     if sweep:
         crops = list(sweep[0]["scenarios"]["vision-sweep"]["crops"])
@@ -67,32 +90,45 @@ def markdown(r: dict) -> str:
             lines.append(f"| {c} | " + " | ".join(_ms(e["scenarios"]["vision-sweep"]["crops"][c]["median"])
                                                   for e in sweep) + " |")
 
-    for e in engines:
-        t2 = e["scenarios"].get("turn2")
-        if t2:
-            m = t2["metrics"]
-            lines += ["", "## Conversation turn 2 (one-image chat, phi3v-ort)", "",
-                      "| | prompt tokens prefilled | time to first token ms |", "|---|---|---|",
-                      f"| kept generator (append only the new turn) | {m['reuse_prompt_tokens']['median']:.0f} | "
-                      f"{_ms(m['reuse_ttft_s']['median'])} |",
-                      f"| re-prefill of the transcript (og example) | {m['reprefill_prompt_tokens']['median']:.0f} | "
-                      f"{_ms(m['reprefill_ttft_s']['median'])} |", "",
-                      f"Reuse takes {m['ratio_reuse_over_reprefill']:.1%} of the re-prefill's time to first token."]
-        b = e["scenarios"].get("batch")
-        if b:
-            m = b["metrics"]
-            lines += ["", f"## Batch throughput ({b['items']} images, phi3v-ort, one model worker process)", "",
-                      "| mode | items/s |", "|---|---|",
-                      f"| 1 intra-op thread, sequential (each item prepared after the last is written) | "
-                      f"{m['one_thread_sequential_items_per_s']['median']:.2f} |",
-                      f"| {m['threads']} threads, sequential | {m['sequential_items_per_s']['median']:.2f} |",
-                      f"| {m['threads']} threads, preparation overlapped (2 threads, 4 ahead) | "
-                      f"{m['pool_items_per_s']['median']:.2f} |", "",
-                      f"{m['threads']} threads / 1: {m['ratio_threads_over_one']:.2f}x; overlapped / sequential: "
-                      f"{m['ratio_pool_over_sequential']:.2f}x. Where the time goes (sum over the items of the last "
-                      "run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in m["time_split_s"].items())
-                      + "."]
+    return lines
 
+
+def _turn2(e: dict) -> list[str]:
+    lines: list[str] = []
+    t2 = e["scenarios"].get("turn2")
+    if t2:
+        m = t2["metrics"]
+        lines += ["", "## Conversation turn 2 (one-image chat, phi3v-ort)", "",
+                  "| | prompt tokens prefilled | time to first token ms |", "|---|---|---|",
+                  f"| kept generator (append only the new turn) | {m['reuse_prompt_tokens']['median']:.0f} | "
+                  f"{_ms(m['reuse_ttft_s']['median'])} |",
+                  f"| re-prefill of the transcript (og example) | {m['reprefill_prompt_tokens']['median']:.0f} | "
+                  f"{_ms(m['reprefill_ttft_s']['median'])} |", "",
+                  f"Reuse takes {m['ratio_reuse_over_reprefill']:.1%} of the re-prefill's time to first token."]
+    return lines
+
+
+def _batch(e: dict) -> list[str]:
+    lines: list[str] = []
+    b = e["scenarios"].get("batch")
+    if b:
+        m = b["metrics"]
+        lines += ["", f"## Batch throughput ({b['items']} images, phi3v-ort, one model worker process)", "",
+                  "| mode | items/s |", "|---|---|",
+                  f"| 1 intra-op thread, sequential (each item prepared after the last is written) | "
+                  f"{m['one_thread_sequential_items_per_s']['median']:.2f} |",
+                  f"| {m['threads']} threads, sequential | {m['sequential_items_per_s']['median']:.2f} |",
+                  f"| {m['threads']} threads, preparation overlapped (2 threads, 4 ahead) | "
+                  f"{m['pool_items_per_s']['median']:.2f} |", "",
+                  f"{m['threads']} threads / 1: {m['ratio_threads_over_one']:.2f}x; overlapped / sequential: "
+                  f"{m['ratio_pool_over_sequential']:.2f}x. Where the time goes (sum over the items of the last "
+                  "run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in m["time_split_s"].items())
+                  + "."]
+    return lines
+
+
+def _decode_limit(r: dict, engines: list[dict]) -> list[str]:
+    lines: list[str] = []
     bw = r["bandwidth"]
     if r.get("limits") and r.get("prepared"):  # only runs with generate scenarios have decode rates to compare
         lines += ["", "## Physical limit of decoding", "",
@@ -108,7 +144,7 @@ def markdown(r: dict) -> str:
                         if "metrics" in sc and "decode_tps" in sc["metrics"]), default=0.0)
             lines.append(f"| {e['label']} | {lim['weight_bytes'] / 2**20:,.0f} MiB | {lim['decode_limit_tps']:.1f} | "
                          f"{best:.1f} | {best / lim['decode_limit_tps']:.0%} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def chart(r: dict, path: Path) -> Path | None:
