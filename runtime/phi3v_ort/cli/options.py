@@ -111,11 +111,9 @@ def make_settings(max_new_tokens: int, temperature: float | None, top_p: float |
                   seed: int | None, guidance=None):
     """Greedy unless a sampling option is given: the one place the CLI builds GenerationSettings. `guidance`: the
     output constraint (guidance.from_cli), checked here before any model is loaded as far as that can be."""
-    from phi3v_ort.engine.settings import GenerationSettings
+    from phi3v_ort.engine import settings
 
-    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
-    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, guidance=guidance,
-                              **sampling)
+    return settings.make_settings(max_new_tokens, temperature, top_p, top_k, seed, guidance)
 
 
 SETTINGS_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "json_schema", "json_object", "regex",

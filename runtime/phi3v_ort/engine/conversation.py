@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import ContextTooLong  # defined with the other errors; importable here as before
 from phi3v_ort.engine.generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
 from phi3v_ort.engine.guidance import GuidanceFailed
 from phi3v_ort.inputs.images import ImageInput
@@ -54,14 +54,6 @@ from phi3v_ort.inputs.prompt import END, NEWLINE, Segment, answer_turn, system_t
 from phi3v_ort.engine.settings import GenerationSettings, create_generator, search_options
 
 DEFAULT_RESERVE_TOKENS = 2048
-
-
-class ContextTooLong(Phi3vError):
-    """The conversation (or one turn) needs more tokens than the model's context holds."""
-
-    def __init__(self, message: str, requested: int, allowed: int):
-        super().__init__(message)
-        self.requested, self.allowed = requested, allowed
 
 
 @dataclass

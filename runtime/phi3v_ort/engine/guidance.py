@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import ConstraintError, Phi3vError
 
 KINDS = ("json_schema", "regex", "lark_grammar")
 WHAT = {"json_schema": "JSON", "regex": "regex match", "lark_grammar": "grammar"}
@@ -45,7 +45,7 @@ RUNTIME_X_GUIDANCE = {"whitespace_flexible": False}
 JSON_OBJECT_SCHEMA = {"type": "object"}
 
 
-class GuidanceError(Phi3vError):
+class GuidanceError(ConstraintError):
     """A constraint og cannot compile (or a malformed one): the user's input, said in one sentence."""
 
 
@@ -161,6 +161,34 @@ def from_cli(json_schema_arg: str | None = None, json_object_flag: bool = False,
         return regex(regex_arg, "--regex")
     if grammar_arg:
         return lark_grammar(_read_text(grammar_arg, "--grammar"), "--grammar")
+    return None
+
+
+def from_values(json_schema_value: dict | str | None = None, json_object_flag: bool = False,
+                regex_value: str | None = None, grammar_value: str | None = None) -> Guidance | None:
+    """The Python API's keywords: `json_schema` (a dict or JSON text), `json_object`, `regex`, `grammar` (Lark
+    text): at most one, named in messages as the keyword is."""
+    given = [name for name, value in (("json_schema", json_schema_value), ("json_object", json_object_flag),
+                                      ("regex", regex_value), ("grammar", grammar_value)) if value]
+    if len(given) > 1:
+        raise GuidanceError(f"{' and '.join(given)} cannot be combined: give one output constraint")
+    for name, value in (("regex", regex_value), ("grammar", grammar_value)):
+        if value is not None and not isinstance(value, str):
+            raise GuidanceError(f"{name} must be a string, got {_json_type(value)}")
+    if json_schema_value:
+        schema = json_schema_value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise GuidanceError(f"json_schema is not valid JSON ({exc})") from None
+        return json_schema(schema, "json_schema")
+    if json_object_flag:
+        return json_object("json_object")
+    if regex_value:
+        return regex(regex_value, "regex")
+    if grammar_value:
+        return lark_grammar(grammar_value, "grammar")
     return None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import ContextTooLong, SettingError
 
 if TYPE_CHECKING:
     from phi3v_ort.package.loading import PackageInfo
@@ -33,7 +33,7 @@ class KVCachePolicy:
 
     def __post_init__(self) -> None:
         if self.cuda_graph and not self.share_buffer:
-            raise Phi3vError("CUDA graphs need the shared KV buffer: drop --no-share-buffer or --cuda-graph")
+            raise SettingError("CUDA graphs need the shared KV buffer: drop --no-share-buffer or --cuda-graph")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def kv_cache_bytes(info: "PackageInfo", length: int, batch: int = 1) -> int:
 def plan(info: "PackageInfo", prompt_tokens: int, max_new_tokens: int, policy: KVCachePolicy = KVCachePolicy()) -> KVPlan:
     """Size the cache for one request, or refuse a prompt that cannot fit the context."""
     if prompt_tokens + 1 > info.context_length:
-        raise Phi3vError(f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
-                         f"{info.context_length}: it cannot fit with even one new token")
+        raise ContextTooLong(f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
+                             f"{info.context_length}: it cannot fit with even one new token",
+                             prompt_tokens + max_new_tokens, info.context_length)
     max_length = min(prompt_tokens + max_new_tokens, info.context_length)
     return KVPlan(max_length=max_length, share_buffer=policy.share_buffer, bytes=kv_cache_bytes(info, max_length))

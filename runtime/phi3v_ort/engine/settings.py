@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import SettingError
 from phi3v_ort.engine.guidance import Guidance, compile_error
 
 INT32_MAX = 2**31 - 1  # og casts max_length, top_k and random_seed to a C++ int: larger values fail inside og
@@ -30,25 +30,47 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         """Refuse here, in one sentence, what og would refuse later with a traceback (or silently misread)."""
         if not 1 <= self.max_new_tokens <= INT32_MAX:
-            raise Phi3vError(f"max_new_tokens must be between 1 and {INT32_MAX}, got {self.max_new_tokens}")
+            raise SettingError(f"max_new_tokens must be between 1 and {INT32_MAX}, got {self.max_new_tokens}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise Phi3vError(f"{name} must be a finite number, got {getattr(self, name)}")
+                raise SettingError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature <= 0:
-            raise Phi3vError(f"temperature must be above 0, got {self.temperature}")
+            raise SettingError(f"temperature must be above 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise Phi3vError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 1 <= self.top_k <= INT32_MAX:
-            raise Phi3vError(f"top_k must be between 1 and {INT32_MAX}, got {self.top_k}")
+            raise SettingError(f"top_k must be between 1 and {INT32_MAX}, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
-            raise Phi3vError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
+            raise SettingError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
         if self.repetition_penalty <= 0:
-            raise Phi3vError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+            raise SettingError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
         if self.guidance is not None and not isinstance(self.guidance, Guidance):
-            raise Phi3vError(f"guidance must be a Guidance, got {type(self.guidance).__name__}")
+            raise SettingError(f"guidance must be a Guidance, got {type(self.guidance).__name__}")
         if self.guidance is not None and self.ignore_eos:  # og would mask the only token a complete answer allows
-            raise Phi3vError("ignore_eos cannot be combined with an output constraint: a constrained answer ends "
-                             "when it is complete")
+            raise SettingError("ignore_eos cannot be combined with an output constraint: a constrained answer ends "
+                               "when it is complete")
+
+
+def make_settings(max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None,
+                  guidance: Guidance | None = None) -> GenerationSettings:
+    """Greedy unless a sampling option is given: the one place the CLI and the Python API build GenerationSettings
+    from what a user gave. `guidance`: the output constraint (guidance.from_cli / from_values), checked before any
+    model is loaded as far as that can be. Wrong types are one sentence too (the CLI's options are typed already).
+
+    >>> make_settings(max_new_tokens=64, temperature=0.7).do_sample
+    True
+    """
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SettingError(f"{name} must be an integer, got {value!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SettingError(f"{name} must be a number, got {value!r}")
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    sampling.update({k: float(sampling[k]) for k in ("temperature", "top_p") if k in sampling})  # 0 reads as 0.0
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=bool(sampling), seed=seed, guidance=guidance,
+                              **sampling)
 
 
 def search_options(settings: GenerationSettings, max_length: int, share_buffer: bool) -> dict:

@@ -1,4 +1,5 @@
-"""Images in: local paths, http(s) URLs and stdin, decoded once and checked with Pillow.
+"""Images in: local paths, http(s) URLs and stdin (load_image, the CLI's), and what a Python caller holds (PIL
+images, bytes, numpy arrays: to_image_input, the API's), decoded once and checked with Pillow.
 
 Every image is decoded here, once: EXIF orientation applied, any mode converted to RGB (alpha composited on white,
 16-bit scaled), decompression bombs refused. The runtime's own pipeline (pixels.py) works on that RGB image, so
@@ -12,16 +13,17 @@ an RGB PNG or JPEG with no EXIF rotation (keeping og's own JPEG rounding), else 
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import ImageError
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459x9459)
 MAX_BYTES = 50 * 1024 * 1024
@@ -74,25 +76,95 @@ def load_image(source: str, stdin: BinaryIO | None = None, *, max_bytes: int = M
     else:
         raw = _read_file(Path(source).expanduser(), max_bytes)
         label = source
+    return from_bytes(raw, label, started, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def from_bytes(raw: bytes, label: str, started: float | None = None, *, max_bytes: int = MAX_BYTES,
+               max_pixels: int = MAX_PIXELS) -> ImageInput:
+    """Encoded image bytes (PNG, JPEG, any format Pillow reads) -> a checked ImageInput named `label`."""
+    started = time.perf_counter() if started is None else started
     if len(raw) > max_bytes:
-        raise Phi3vError(f"image {label} is larger than the {max_bytes // (1024 * 1024)} MB limit")
+        raise ImageError(f"image {label} is larger than the {max_bytes // (1024 * 1024)} MB limit")
     if not raw:
-        raise Phi3vError(f"image {label} is empty")
+        raise ImageError(f"image {label} is empty")
     image, pass_through = decode(raw, label, max_pixels)
     return ImageInput(source=label, data=raw, image=image, pass_through=pass_through,
                       load_s=time.perf_counter() - started)
 
 
+ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, ImageInput]
+
+
+def to_image_input(image: ImageLike, label: str | None = None, *, allow_remote: bool = False,
+                   max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                   timeout: float = URL_TIMEOUT_S) -> ImageInput:
+    """Any image a Python caller holds -> one decoded, checked ImageInput (the Python API's images).
+
+    Takes a path (str or pathlib.Path), a PIL image, encoded bytes, a numpy HxWx3 uint8 array (RGB), or an
+    http(s) URL when `allow_remote` (fetched by remote.py's guarded fetcher, as the server fetches: never from
+    a private address, one deadline). A path or URL names itself in messages, anything else is named `label`
+    (default "the image"). A bad image is an ImageError, one sentence.
+
+    >>> to_image_input(np.zeros((8, 8, 3), dtype=np.uint8)).width
+    8
+    """
+    started = time.perf_counter()
+    if isinstance(image, ImageInput):
+        return image
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise ImageError(f"image {image} is a URL: pass allow_remote=True to fetch it (never from a private "
+                             "address)")
+        return from_bytes(_fetch_guarded(image, max_bytes, timeout), image, started, max_bytes=max_bytes,
+                          max_pixels=max_pixels)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image).expanduser()
+        return from_bytes(_read_file(path, max_bytes), str(image), started, max_bytes=max_bytes,
+                          max_pixels=max_pixels)
+    label = label or "the image"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return from_bytes(bytes(image), label, started, max_bytes=max_bytes, max_pixels=max_pixels)
+    if isinstance(image, Image.Image):
+        return _from_pixels(image, label, started, max_pixels)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"{label} must be an HxWx3 uint8 array (RGB), got shape {tuple(image.shape)} "
+                             f"{image.dtype}")
+        return _from_pixels(Image.fromarray(np.ascontiguousarray(image), "RGB"), label, started, max_pixels)
+    raise ImageError(f"{label} is of type {type(image).__name__}: give a path, a PIL image, bytes or an HxWx3 "
+                     "uint8 array")
+
+
+def _from_pixels(img: Image.Image, label: str, started: float, max_pixels: int) -> ImageInput:
+    """A PIL image (EXIF orientation applied, as for a file) -> ImageInput; its bytes are a lossless PNG."""
+    if img.width * img.height > max_pixels:
+        raise ImageError(f"image {label} is {img.width}x{img.height} pixels, over the {max_pixels:,}-pixel limit "
+                         "(a possible decompression bomb)")
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"image {label} is empty")
+    try:
+        img.load()
+        if img.getexif().get(0x0112, 1) not in (0, 1):
+            img = ImageOps.exif_transpose(img)
+        rgb = to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"image {label} could not be decoded ({exc})") from None
+    out = io.BytesIO()
+    rgb.save(out, format="PNG", compress_level=1)  # what crosses to og's processor and identifies the image
+    return ImageInput(source=label, data=out.getvalue(), image=rgb, pass_through=True,
+                      load_s=time.perf_counter() - started)
+
+
 def _read_file(path: Path, max_bytes: int) -> bytes:
     if not path.exists():
-        raise Phi3vError(f"image file not found: {path}")
+        raise ImageError(f"image file not found: {path}")
     if path.is_dir():
-        raise Phi3vError(f"image path {path} is a directory, not an image file")
+        raise ImageError(f"image path {path} is a directory, not an image file")
     try:
         with path.open("rb") as f:
             return f.read(max_bytes + 1)
     except OSError as exc:
-        raise Phi3vError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
 
 
 def _download(url: str, max_bytes: int, timeout: float) -> bytes:
@@ -104,11 +176,18 @@ def _download(url: str, max_bytes: int, timeout: float) -> bytes:
         return fetch_image_bytes(url, max_bytes=max_bytes, deadline_s=timeout, allow_private=True)
     except RemoteImageError as exc:
         if exc.too_large:
-            raise Phi3vError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit") from None
+            raise ImageError(f"image {url} is larger than the {max_bytes // (1024 * 1024)} MB limit") from None
         if exc.cause.startswith("content type "):
-            raise Phi3vError(f"{url} is not an image (the server says {exc.cause.removeprefix('content type ')})") \
+            raise ImageError(f"{url} is not an image (the server says {exc.cause.removeprefix('content type ')})") \
                 from None
-        raise Phi3vError(f"could not download {url}: {exc.cause}") from None
+        raise ImageError(f"could not download {url}: {exc.cause}") from None
+
+
+def _fetch_guarded(url: str, max_bytes: int, timeout: float) -> bytes:
+    """A caller's URL through the server's guarded fetcher: private addresses refused, the neutral sentence."""
+    from phi3v_ort.inputs.remote import fetch_image_bytes
+
+    return fetch_image_bytes(url, max_bytes=max_bytes, deadline_s=timeout)
 
 
 def decode(raw: bytes, label: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, bool]:
@@ -119,17 +198,17 @@ def decode(raw: bytes, label: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.
             img = Image.open(io.BytesIO(raw))
             width, height = img.size
             if width * height > max_pixels:
-                raise Phi3vError(f"image {label} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
+                raise ImageError(f"image {label} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
                                  "(a possible decompression bomb)")
             img.load()
-    except Phi3vError:
+    except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Phi3vError(f"image {label} is too large to decode safely (a possible decompression bomb)") from None
+        raise ImageError(f"image {label} is too large to decode safely (a possible decompression bomb)") from None
     except UnidentifiedImageError:
-        raise Phi3vError(f"{label} is not an image Pillow can read") from None
+        raise ImageError(f"{label} is not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise Phi3vError(f"image {label} could not be decoded ({exc})") from None
+        raise ImageError(f"image {label} could not be decoded ({exc})") from None
 
     orientation = img.getexif().get(0x0112, 1)
     pass_through = img.format in PASS_THROUGH_FORMATS and img.mode == "RGB" and orientation in (0, 1)

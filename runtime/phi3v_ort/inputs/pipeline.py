@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3v_ort.package import contract
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import Phi3vError, SettingError
 from phi3v_ort.package.onnx_header import read_input_spec
 from phi3v_ort.inputs.pixels import PreparedImage, prepare_image
 from phi3v_ort.inputs.prompt import Segment, Text, render
@@ -80,10 +80,10 @@ class InputBuilder:
 
     def check_crops(self, num_crops: int) -> None:
         if not 1 <= num_crops <= contract.MAX_CROPS:
-            raise Phi3vError(f"the crop budget must be 1 to {contract.MAX_CROPS}, got {num_crops}")
+            raise SettingError(f"the crop budget must be 1 to {contract.MAX_CROPS}, got {num_crops}")
         if num_crops + 1 > self.slots(num_crops):
-            raise Phi3vError(f"this package's vision model takes {self.slots(num_crops)} crops per image, so the "
-                             f"crop budget can be at most {self.slots(num_crops) - 1}")
+            raise SettingError(f"this package's vision model takes {self.slots(num_crops)} crops per image, so the "
+                               f"crop budget can be at most {self.slots(num_crops) - 1}")
 
     def prepare_image(self, image, num_crops: int = contract.MAX_CROPS) -> PreparedImage:
         """An ImageInput -> its crops (the expensive part; runs in any thread or process)."""
@@ -149,8 +149,8 @@ class OgPipeline:
 
     def __init__(self, builder: InputBuilder, crops: int = contract.MAX_CROPS):
         if crops != contract.MAX_CROPS:
-            raise Phi3vError(f"og's processor always uses {contract.MAX_CROPS} crops: --crops needs the runtime's "
-                             "own processor (drop --processor og)")
+            raise SettingError(f"og's processor always uses {contract.MAX_CROPS} crops: --crops needs the runtime's "
+                               "own processor (drop --processor og)")
         self.builder, self.crops = builder, crops
 
     def prepare_image(self, image) -> OgImage:
@@ -181,7 +181,7 @@ def make_pipeline(builder: InputBuilder, processor: str = DEFAULT_PROCESSOR, cro
         return OwnPipeline(builder, crops)
     if processor == "og":
         return OgPipeline(builder, crops)
-    raise Phi3vError(f"unknown processor {processor!r}: choose own or og")
+    raise SettingError(f"unknown processor {processor!r}: choose own or og")
 
 
 def og_processor_inputs(processor, segments: Sequence[Segment], images: Sequence, tokenizer=None) -> ModelInputs:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import ImageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddrInfo = tuple  # one socket.getaddrinfo row: (family, type, proto, canonname, sockaddr)
@@ -34,7 +34,7 @@ CHUNK = 64 * 1024
 _URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
-class RemoteImageError(Phi3vError):
+class RemoteImageError(ImageError):
     """A remote image could not be had. str() is one sentence safe to show the client; ``detail`` says what really
     happened, for the server's log only."""
 

@@ -29,7 +29,6 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -37,9 +36,9 @@ from phi3v_ort.engine import guidance
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.guidance import Guidance
 from phi3v_ort.engine.settings import INT32_MAX, SEED_MAX, GenerationSettings
+from phi3v_ort.engine.stop import StopStringFilter, check_stops  # noqa: F401 (StopStringFilter: app.py)
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; this bounds the work any later walk of the body does
-MAX_STOPS = 4
 MAX_CROPS = 16
 MAX_TOP_K = 100_000
 
@@ -197,13 +196,10 @@ def _check_fields(body: dict) -> None:
 
 
 def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)):
-        raise _bad("stop", f"stop must be a non-empty string or a list of at most {MAX_STOPS} non-empty strings")
-    return list(stops)
+    try:
+        return check_stops(body.get("stop"))
+    except Phi3vError as exc:
+        raise _bad("stop", str(exc)) from None
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -401,44 +397,3 @@ def parse_request(body: dict, *, allow_remote: bool, max_images: int, max_image_
     return ParsedRequest(system=system, history=history, question=last.question, images=last.images,
                          settings=settings, stream=stream, include_usage=include_usage, stop=stop, crops=crops,
                          response_format=body.get("response_format"))
-
-
-# -- stop strings ----------------------------------------------------------------------------------------------------
-
-class StopStringFilter:
-    """Cuts streamed text at the first stop string, across deltas, without ever emitting a piece of one.
-
-    `feed(delta)` returns the text safe to send now; it holds back the longest tail that could still grow into a
-    stop string. When a stop string completes, it returns the text before it and `stopped` becomes true (later
-    feeds return ""). `flush()` returns the held-back tail once generation has ended without a stop.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.stopped = False
-        self._held = ""
-
-    def feed(self, delta: str) -> str:
-        if self.stopped:
-            return ""
-        text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped, self._held = True, ""
-            return text[:min(hits)]
-        keep = self._partial_tail(text)
-        self._held = text[len(text) - keep:]
-        return text[:len(text) - keep]
-
-    def flush(self) -> str:
-        tail, self._held = self._held, ""
-        return tail
-
-    def _partial_tail(self, text: str) -> int:
-        """The length of the longest suffix of text that is a proper prefix of a stop string."""
-        longest = max((len(s) for s in self.stops), default=1) - 1
-        for k in range(min(longest, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
