@@ -333,7 +333,7 @@ class Model:
         """Answer a question about zero or more images (a list, or one image: a path, a PIL image, bytes or an
         HxWx3 uint8 array; an http(s) URL with allow_remote=True). Settings: see `phi3v_ort.Settings`.
 
-        >>> model.ask("Could you please introduce this stock to me?", images=["examples/chart.png"]).text  # doctest: +SKIP
+        >>> model.ask("Introduce this stock to me.", images=["examples/chart.png"]).text   # doctest: +SKIP
         >>> model.ask("Title and author?", images=[cover], json_schema=schema).parsed   # doctest: +SKIP
         """
         return self.stream(question, images, system=system, allow_remote=allow_remote, **settings).answer

@@ -2,7 +2,7 @@
 
 `Phi3vError` is the one type to catch; its subclasses are the failures a caller would branch on (a prompt that
 does not fit, a bad image, a bad setting, an output constraint that cannot be compiled). The CLI shows any of them
-as one `Error:` line, the server as a 400 (or 413 for an image), the Python API raises them as they are.
+as one `Error:` line, the server as a 400, the Python API raises them as they are.
 """
 
 

@@ -119,3 +119,32 @@ def test_load_takes_a_folder_name_as_the_cli_does(tiny_dir):
     assert model.ask("Hi", max_new_tokens=1).token_ids
     model.close()
     model.close()  # twice is fine
+
+
+@pytest.mark.parametrize("module", ["phi3v_ort.api", "phi3v_ort.engine.settings", "phi3v_ort.engine.stop",
+                                    "phi3v_ort.inputs.images"])
+def test_the_docstring_examples_run(module, monkeypatch):
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(ROOT)  # the examples name files from the repository root, as the README does
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_catalog_name_is_fetched_on_first_use_like_run(tiny_dir, tmp_path, monkeypatch, capfd):
+    from phi3v_ort.package.catalog import PHI3
+    from tests.package.fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        hub.add_repo_from_dir(PHI3, "cpu/cpu-int4-rtn-block-32-acc-level-4", tiny_dir)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        with phi3v_ort.load("phi-3-vision", device="cpu") as model:
+            fetched = model.ask("Hi", max_new_tokens=4)
+            assert str(tmp_path / "hub-cache") in str(model.path)
+        assert "Fetching phi-3-vision:cpu-int4" in capfd.readouterr().err
+    with phi3v_ort.load(tiny_dir, device="cpu") as model:
+        assert model.ask("Hi", max_new_tokens=4).token_ids == fetched.token_ids
