@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import phi3v_ort
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import phi3v_ort
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 from phi3v_ort.engine.guidance import GuidanceError
 
 

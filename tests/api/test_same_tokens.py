@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from phi3v_ort.cli.commands import cli
+from phi3v_ort.cli import cli
 
 QUESTION = "Could you please introduce this stock to me?"
 FOLLOW_UP = "And the trend?"
