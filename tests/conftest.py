@@ -17,6 +17,14 @@ import pytest
 from PIL import Image
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-int4-cpu"
+
+# `run` and `chat` answer through a running `phi3v-ort serve` of the same model when they find one (its state file:
+# phi3v_ort/server/registry.py). Tests see neither the user's servers nor each other's (the `served` fixture's), and
+# leave no state file behind: a folder of this run's own, and no server unless a test asks for one
+# (tests/cli/test_warm_server.py). Set here, at import, so every subprocess a test starts inherits it.
+STATE_DIR = tempfile.mkdtemp(prefix="phi3v-ort-state-")
+os.environ["PHI3V_ORT_STATE_DIR"] = STATE_DIR
+os.environ["PHI3V_ORT_SERVER"] = "off"
 ROOT = Path(__file__).resolve().parents[1]
 
 BUILD_DEPS = ("torch", "transformers", "onnx", "onnxscript", "tokenizers", "safetensors")
@@ -141,6 +149,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if _BUILDS is not None:
         _BUILDS.close()
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

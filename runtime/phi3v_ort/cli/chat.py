@@ -10,6 +10,7 @@ from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, open_model,
                                    sampling_options, threads_option)
 from phi3v_ort.cli.output import format_stats
+from phi3v_ort.cli.served import ServerOptions, pick_server, server_options
 from phi3v_ort.engine.settings import GenerationSettings
 
 
@@ -24,10 +25,11 @@ from phi3v_ort.engine.settings import GenerationSettings
 @click.option("--reserve-tokens", type=int, default=2048, show_default=True,
               help="KV-cache room kept for follow-up turns beyond the first answer.")
 @guidance_options
+@server_options
 @hands_settings
 def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
          settings: GenerationSettings, system: str | None, crops: int | None, processor: str,
-         threads: int | None, reserve_tokens: int) -> None:
+         threads: int | None, reserve_tokens: int, server: ServerOptions) -> None:
     """An interactive chat about images that keeps the KV cache between turns.
 
     Type a question per line; /help lists the commands (/image PATH, /detach, /reset, /stats, /format, /save FILE).
@@ -46,10 +48,16 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
 
     loaded_images = [load_image(src) for src in images]
     phase = Phase(sys.stderr)  # only when stderr is a terminal
-    try:
-        loaded = open_model(model, model_dir, device, threads=threads, phase=phase)
-    finally:
-        phase.clear()
-    conversation = Conversation(loaded, settings, system, reserve_tokens, processor=processor, crops=crops)
+    client = pick_server(server, model, model_dir, device, threads, processor, settings, loaded_images)
+    if client is not None:  # a running server answers (it keeps the KV cache between turns itself)
+        from phi3v_ort.server.served_chat import ServedConversation
+
+        conversation = ServedConversation(client, settings, system, processor, crops)
+    else:
+        try:
+            loaded = open_model(model, model_dir, device, threads=threads, phase=phase)
+        finally:
+            phase.clear()
+        conversation = Conversation(loaded, settings, system, reserve_tokens, processor=processor, crops=crops)
     sys.exit(run_chat(conversation, loaded_images, sys.stdin, sys.stdout, sys.stderr,
                       interactive=stdin_is_terminal(), format_stats=format_stats, phase=phase))

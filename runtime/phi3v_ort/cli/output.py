@@ -37,7 +37,9 @@ def format_stats(stats) -> str:
         f"KV cache           {stats.kv_cache_bytes / 2**20:.1f} MiB for max_length {stats.max_length} "
         f"({'shared buffer' if stats.share_buffer else 'growing'}"
         f"{', CUDA graph' if stats.cuda_graph else ''}, {stats.device})",
-    ] + (["conversation       continued the kept KV cache (only this turn's tokens were prefilled)"]
+    ] + ([f"model              loaded in {stats.load_s:.2f} s"
+          f"{' (warm: a running server had it loaded)' if stats.warm else ''}"] if stats.load_s is not None else [])
+      + (["conversation       continued the kept KV cache (only this turn's tokens were prefilled)"]
          if stats.kv_reused else []) + ([f"conversation       re-prefilled: {stats.reprefill_reason}"]
                                         if stats.reprefill_reason else []))
 

@@ -12,6 +12,7 @@ from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, note_cuda_graph,
                                    open_model, sampling_options, threads_option)
 from phi3v_ort.cli.output import answer_json, format_stats, prefill_interruptible
+from phi3v_ort.cli.served import ServerOptions, answered_by_server, load_images, server_options
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
 
@@ -32,14 +33,16 @@ from phi3v_ort.errors import Phi3vError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming: text, token_ids, "
               "prompt_tokens, num_image_tokens, finish_reason (parsed with a constraint), stats.")
 @guidance_options
+@server_options
 @hands_settings
 def run(question: str, images: tuple[str, ...], model: str | None, model_dir: str | None, device: str,
         settings: GenerationSettings, system: str | None, crops: int | None, processor: str, threads: int | None,
-        no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool) -> None:
+        no_share_buffer: bool, cuda_graph: bool, show_stats: bool, as_json: bool, server: ServerOptions) -> None:
     """Ask QUESTION about zero or more images; the answer streams to stdout.
 
     On a terminal, a phase line on stderr says what is happening until the answer starts (preparing image, reading
-    image (N tokens)); nothing of it when stderr is not a terminal.
+    image (N tokens)); nothing of it when stderr is not a terminal. A running `phi3v-ort serve` of the same model
+    (folder, device, threads, processor) answers, already loaded, as in-process would (--no-server: never).
 
     \b
     Examples:
@@ -48,17 +51,21 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
       phi3v-ort run -i https://example.com/cover.jpg --stats "Who wrote this book?"
       cat photo.png | phi3v-ort run -i - --json "Describe the image."
       phi3v-ort run --model-dir tests/fixtures/tiny-int4-cpu -i tests/data/chart.png --max-new-tokens 32 "Hi"
+      phi3v-ort run --keep-alive 10m "Hello"        # later runs answer at once, through the server it started
     """
-    from phi3v_ort.engine import guidance
-    from phi3v_ort.engine.generation import Finished, prepare as prepare_inputs, stream_prepared
-    from phi3v_ort.inputs.images import load_image
     from phi3v_ort.engine.kv_cache import KVCachePolicy
-    from phi3v_ort.cli.phase import Phase, preparing, reading
 
     policy = KVCachePolicy(share_buffer=not no_share_buffer, cuda_graph=cuda_graph)
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
-    loaded_images = [load_image(src) for src in images]
+    loaded_images = load_images(images)
+    if answered_by_server(server, question, loaded_images, system, crops, settings, show_stats, as_json, model=model,
+                          model_dir=model_dir, device=device, threads=threads, processor=processor, policy=policy):
+        return
+    from phi3v_ort.engine import guidance
+    from phi3v_ort.engine.generation import Finished, prepare as prepare_inputs, stream_prepared
+    from phi3v_ort.cli.phase import Phase, preparing, reading
+
     phase = Phase(sys.stderr)  # only when stderr is a terminal
     try:
         loaded = open_model(model, model_dir, device, policy, threads, phase=phase)

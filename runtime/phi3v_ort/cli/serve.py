@@ -30,14 +30,17 @@ from phi3v_ort.errors import Phi3vError
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
 @click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
 @click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@click.option("--idle-exit", default=None, metavar="DURATION",
+              help="Exit after DURATION without requests (30s, 5m, 1h): what `run --keep-alive` starts.")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
           workers: int, threads: int | None, processor: str, max_queue: int, allow_remote_images: bool,
-          model_name: str | None, quiet: bool) -> None:
+          model_name: str | None, quiet: bool, idle_exit: str | None) -> None:
     """An OpenAI-compatible server with a web page; the models run in worker processes.
 
     Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
     /v1/models and /health. Logs one line per request on stderr (method, path, status, prompt and completion
-    tokens, time to first token, total time) unless --quiet.
+    tokens, time to first token, total time) unless --quiet. While it serves, `run` and `chat` for the same model
+    use it (`--server auto`), and `phi3v-ort ps` lists it.
 
     \b
     Examples:
@@ -47,13 +50,20 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
       curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
     """
+    import time
+
+    from phi3v_ort.server.idle import parse_duration
+
     try:
         from phi3v_ort.server.app import ServerLimits, bind_socket, create_app, serve_forever
     except ImportError as exc:
         raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
+    idle_exit_s = parse_duration(idle_exit, "--idle-exit") if idle_exit is not None else None
     sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
     try:
+        loading = time.perf_counter()
         pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+        load_s = time.perf_counter() - loading
     except BaseException:
         sock.close()
         raise
@@ -66,4 +76,8 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"
                f"{f', {spec.threads} thread(s) each' if spec.threads else ''}) on http://{shown}:{port}/v1 "
                f"(web page: http://{shown}:{port}/)", err=True)
-    serve_forever(app, host, port, limits.grace_s, sock=sock)
+    from phi3v_ort.server.presence import announced, server_record
+
+    record = server_record(sock, host, spec, name, processor, workers, bool(api_key), limits, load_s, idle_exit_s)
+    with announced(app, sock, record):  # findable by run/chat/ps/stop while it serves (registry.py)
+        serve_forever(app, host, port, limits.grace_s, sock=sock)

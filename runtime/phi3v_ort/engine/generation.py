@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, ModelInputs, make_pipeline
@@ -23,53 +23,7 @@ from phi3v_ort.engine.model import LoadedModel
 from phi3v_ort.inputs.prompt import build_prompt
 from phi3v_ort.engine.guidance import decode_failure, is_guidance_failure
 from phi3v_ort.engine.settings import GenerationSettings, create_generator
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    text: str  # what this token adds to the answer (may be "" while a multi-byte character is incomplete)
-    token_id: int
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int
-    image_tokens: tuple[int, ...]  # one entry per image, in order
-    preprocess_s: float
-    prefill_s: float
-    time_to_first_token_s: float
-    prefill_tokens_per_s: float
-    decode_s: float
-    decode_tokens_per_s: float
-    generated_tokens: int
-    finish_reason: str  # "stop" (end token) or "length" (max_new_tokens or the context)
-    max_length: int
-    share_buffer: bool
-    cuda_graph: bool
-    kv_cache_bytes: int
-    device: str
-    kv_reused: bool = False  # a conversation turn that continued the kept generator
-    reprefill_reason: str | None = None  # why a conversation turn started a fresh generator instead
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["image_tokens"] = list(self.image_tokens)
-        return d
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the caller should know about this answer (e.g. a conversation re-prefilled its transcript)."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    text: str
-    token_ids: tuple[int, ...]
-    prompt: str
-    stats: GenerationStats
+from phi3v_ort.engine.events import Finished, GenerationStats, Notice, TokenEvent  # noqa: F401 (their home was here)
 
 
 def prepare(model: LoadedModel, question: str, images: Sequence[ImageInput] = (), system: str | None = None,

@@ -50,11 +50,16 @@ def kv_cache_bytes(info: "PackageInfo", length: int, batch: int = 1) -> int:
     return 2 * info.num_layers * batch * info.num_kv_heads * length * info.head_size * info.dtype_bytes
 
 
+def cannot_fit(prompt_tokens: int, context: int) -> str:
+    """The sentence for a prompt with no room for even one new token (also what a client of a server says)."""
+    return (f"the prompt is {prompt_tokens} tokens (images included) but the model's context is {context}: it "
+            "cannot fit with even one new token")
+
+
 def plan(info: "PackageInfo", prompt_tokens: int, max_new_tokens: int, policy: KVCachePolicy = KVCachePolicy()) -> KVPlan:
     """Size the cache for one request, or refuse a prompt that cannot fit the context."""
     if prompt_tokens + 1 > info.context_length:
-        raise ContextTooLong(f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
-                             f"{info.context_length}: it cannot fit with even one new token",
-                             prompt_tokens + max_new_tokens, info.context_length)
+        raise ContextTooLong(cannot_fit(prompt_tokens, info.context_length), prompt_tokens + max_new_tokens,
+                             info.context_length)
     max_length = min(prompt_tokens + max_new_tokens, info.context_length)
     return KVPlan(max_length=max_length, share_buffer=policy.share_buffer, bytes=kv_cache_bytes(info, max_length))

@@ -7,10 +7,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phi3v_ort.package import contract
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.inputs.pipeline import InputBuilder
+
+if TYPE_CHECKING:
+    from phi3v_ort.inputs.pipeline import InputBuilder
 
 NEW_FORMAT_REPO = "microsoft/Phi-3-vision-128k-instruct-onnx"
 MIN_MODEL_BYTES = 1024  # an .onnx smaller than this is a stub or a half-written file
@@ -114,6 +117,9 @@ def default_threads(workers: int = 1) -> int:
     return max(1, cpus // max(1, workers))
 
 
-def open_inputs(info: PackageInfo) -> InputBuilder:
-    """The runtime's input pipeline for a package, without loading any model."""
+def open_inputs(info: PackageInfo) -> "InputBuilder":
+    """The runtime's input pipeline for a package, without loading any model (imported here: reading a package,
+    as `run --server auto` does to find its server, needs no numpy)."""
+    from phi3v_ort.inputs.pipeline import InputBuilder
+
     return InputBuilder(info.path, info.files.vision)

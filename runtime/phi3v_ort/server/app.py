@@ -55,6 +55,7 @@ from phi3v_ort.engine.generation import Finished, Notice, TokenEvent
 from phi3v_ort.inputs.images import load_image
 from phi3v_ort.inputs.pipeline import make_pipeline
 from phi3v_ort.package.loading import PackageInfo, open_inputs, read_package
+from phi3v_ort.server.extension import response_fields
 from phi3v_ort.server.openai_request import ApiError, ImageRef, ParsedRequest, StopStringFilter, parse_json_body, parse_request
 from phi3v_ort.workers.pool import HistoryTurn, Job, WorkerPool, WorkerSpec
 
@@ -372,6 +373,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
             history = [(t, await service.prepare_images(t.images, pipeline)) for t in req.history]
             images = await service.prepare_images(req.images, pipeline)
             explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+            explicit = explicit and not (req.phi3v and req.phi3v.cap_max_tokens)
             budget, prompt_tokens = service.check_context(req, history, images, explicit)
             record["prompt_tokens"] = prompt_tokens
             image_tokens = [pipeline.image_tokens(p) for _, imgs in history for _, p in imgs] \
@@ -434,6 +436,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                     return delta
                 if isinstance(event, Finished):
                     state["kv_reused"] = event.stats.kv_reused
+                    state["finished"] = event
                     if not stops.stopped:
                         state["finish"] = event.stats.finish_reason
                         tail = stops.flush()
@@ -494,6 +497,7 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": state["text"]},
                              "finish_reason": state["finish"] or "length", "logprobs": None}],
                 "usage": usage(),
+                **response_fields(req.phi3v, state.get("finished"), getattr(request.app.state, "load_s", None)),
             }, headers={"X-Phi3v-KV-Reused": "true" if state["kv_reused"] else "false", **image_header})
 
         first: list = []  # a streamed constrained answer: the worker's first item, already read (see below)
@@ -514,9 +518,11 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                     return _error_response(error_api(state["error"]))
                 first.append(item)
 
-        def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None) -> str:
+        def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None,
+                  extra: dict | None = None) -> str:
             data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                    **(extra or {})}
             if with_usage is not None:
                 data["choices"], data["usage"] = [], with_usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -534,7 +540,9 @@ def create_app(pool: WorkerPool | WorkerSpec, model_name: str = "phi-3-vision", 
                 if state["error"]:
                     yield f"data: {json.dumps(error_api(state['error']).body())}\n\n"
                 else:
-                    yield chunk({}, state["finish"] or "length")
+                    yield chunk({}, state["finish"] or "length",
+                                extra=response_fields(req.phi3v, state.get("finished"),
+                                                      getattr(request.app.state, "load_s", None)))
                     if req.include_usage:
                         yield chunk({}, with_usage=usage())
                 yield "data: [DONE]\n\n"

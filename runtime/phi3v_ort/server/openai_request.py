@@ -17,7 +17,8 @@ The field rule:
   compile the schema is known only where the model is (a worker): a 400 naming response_format from there.
 - Fields that only describe the request to OpenAI's platform are accepted and ignored: `model` (the server serves
   one model), `user`, `metadata`, `store`, `service_tier`.
-- Extensions: `top_k` (1..100000, as vLLM takes it) and `crops` (1..16, phi3v-ort's crop budget per image).
+- Extensions: `top_k` (1..100000, as vLLM takes it), `crops` (1..16, phi3v-ort's crop budget per image) and
+  `phi3v` (token ids, stats, a regex or grammar constraint: extension.py).
 - `null` means "not given" for every known field. Any other field is a 400 naming it, whatever its value.
 - `temperature` 0 or absent is greedy decoding; above 0 (at most 2) samples.
 """
@@ -37,6 +38,8 @@ from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.guidance import Guidance
 from phi3v_ort.engine.settings import INT32_MAX, SEED_MAX, GenerationSettings
 from phi3v_ort.engine.stop import StopStringFilter, check_stops  # noqa: F401 (StopStringFilter: app.py)
+from phi3v_ort.server.extension import Extension, ExtensionError, parse_extension
+parse_extension
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; this bounds the work any later walk of the body does
 MAX_CROPS = 16
@@ -48,7 +51,7 @@ KNOWN_FIELDS = frozenset(IGNORED_FIELDS + (
     "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream",
     "stream_options", "stop", "n", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
     "function_call", "logit_bias", "frequency_penalty", "presence_penalty", "parallel_tool_calls", "modalities",
-    "response_format", "crops"))
+    "response_format", "crops", "phi3v"))
 
 
 class ApiError(Exception):
@@ -132,6 +135,7 @@ class ParsedRequest:
     stop: list[str]
     crops: int | None = None  # phi3v-ort's crop budget per image (extension); None: the model's default
     response_format: dict | None = None  # as given; its constraint is settings.guidance
+    phi3v: Extension | None = None  # phi3v-ort's opt-in extension (extension.py)
 
 
 # -- field checks ----------------------------------------------------------------------------------------------------
@@ -385,6 +389,14 @@ def parse_request(body: dict, *, allow_remote: bool, max_images: int, max_image_
     include_usage = _stream_options(body, stream)
     stop = _stop(body)
     constraint = _response_format(body)
+    try:
+        extension = parse_extension(body.get("phi3v"))
+    except ExtensionError as exc:
+        raise _bad(exc.param, str(exc)) from None
+    if extension is not None and extension.guidance is not None:
+        if body.get("response_format") is not None:
+            raise _bad("phi3v.guidance", "give either response_format or phi3v.guidance, not both")
+        constraint = extension.guidance
     system, history, last = _messages(body, allow_remote, max_images, max_image_bytes)
 
     sampling = {"temperature": temperature} if temperature else {}  # 0 or absent: greedy
@@ -396,4 +408,4 @@ def parse_request(body: dict, *, allow_remote: bool, max_images: int, max_image_
         raise _bad(None, str(exc)) from None
     return ParsedRequest(system=system, history=history, question=last.question, images=last.images,
                          settings=settings, stream=stream, include_usage=include_usage, stop=stop, crops=crops,
-                         response_format=body.get("response_format"))
+                         response_format=body.get("response_format"), phi3v=extension)
