@@ -284,3 +284,22 @@ def test_stop_ends_a_server_and_its_state_file(tiny_dir, tmp_path):
         assert "no phi3v-ort server is running" in cli_run(state, "ps").stderr
     finally:
         server.stop()
+
+
+def test_the_request_extension_is_checked():
+    from phi3v_ort.server.openai_request import ApiError, parse_request
+
+    def parse(phi3v, **body):
+        return parse_request({"messages": [{"role": "user", "content": "Hi"}], "phi3v": phi3v, **body},
+                             allow_remote=False, max_images=8, max_image_bytes=2**20, max_tokens_default=16)
+
+    req = parse({"token_ids": True, "stats": True, "cap_max_tokens": True,
+                 "guidance": {"kind": "regex", "data": "[a-z]+", "label": "--regex"}})
+    assert req.phi3v.token_ids and req.phi3v.cap_max_tokens and req.settings.guidance.kind == "regex"
+    for bad, param in [({"tokens": True}, "phi3v.tokens"), ({"stats": 1}, "phi3v.stats"), ([], "phi3v"),
+                       ({"guidance": {"kind": "sql", "data": "x"}}, "phi3v.guidance")]:
+        with pytest.raises(ApiError) as caught:
+            parse(bad)
+        assert caught.value.status == 400 and caught.value.param == param
+    with pytest.raises(ApiError, match="either response_format or phi3v.guidance"):
+        parse({"guidance": {"kind": "regex", "data": "a"}}, response_format={"type": "json_object"})
