@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,22 @@ def tiny_model(tiny_dir):
     config = og.Config(str(tiny_dir))
     config.clear_providers()
     return og.Model(config)
+
+
+def sigint_default() -> None:
+    """A child's preexec_fn for the tests that send it SIGINT: a suite started as a background job (`pytest &`) runs
+    with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler at all. The
+    child starts as from a terminal's foreground instead, however the suite was launched."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python's own handler (a KeyboardInterrupt) for one in-process test, as in a foreground
+    `phi3v-ort` (see sigint_default), and what was there before restored after it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def make_png(path: Path, width: int, height: int, seed: int = 0) -> Path:

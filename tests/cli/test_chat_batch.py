@@ -9,6 +9,7 @@ import time
 from click.testing import CliRunner
 
 from phi3v_ort.cli import cli
+from tests.conftest import sigint_default
 
 
 def test_chat_through_stdin(tiny_dir, png, tmp_path):
@@ -88,7 +89,7 @@ def test_batch_jsonl_interrupted_and_resumed(tiny_dir, png, tmp_path):
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "phi3v_ort", "batch", str(items), "-o", str(out), "--model-dir", str(tiny_dir),
            "--max-new-tokens", "400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     deadline = time.time() + 60
     while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
         time.sleep(0.05)

@@ -21,6 +21,7 @@ from phi3v_ort.errors import Phi3vError
 from phi3v_ort.inputs.images import load_image
 from phi3v_ort.engine.model import load_model
 from phi3v_ort.engine.settings import GenerationSettings
+from tests.conftest import sigint_default
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,8 @@ def test_sigint_during_an_answer_stops_it_and_the_chat_goes_on(tiny_dir, tmp_pat
     transcript = tmp_path / "t.json"
     cmd = [sys.executable, "-m", "phi3v_ort", "chat", "--model-dir", str(tiny_dir), "--max-new-tokens", "8000",
            "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     proc.stdin.write(b"Tell me a long story.\n")
     proc.stdin.flush()
     received = b""

@@ -14,6 +14,7 @@ from PIL import Image
 from phi3v_ort.package import contract
 from phi3v_ort.cli import cli
 
+from tests.conftest import sigint_default
 from tests.engine.test_bare_generation import _prompt, bare_generate, bare_generate_arrays
 
 QUESTIONS = {
@@ -264,7 +265,8 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_dir):
 
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "run", "--model-dir", str(tiny_dir),
                              "--max-new-tokens", "8000", "Tell me a long story."],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=sigint_default)
     first = proc.stdout.read(1)  # the answer has started streaming
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -274,7 +276,7 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_dir):
     assert err.decode().strip() == "Interrupted."
 
 
-def test_ctrl_c_during_the_prefill_ends_run_at_once(tiny_dir, monkeypatch):
+def test_ctrl_c_during_the_prefill_ends_run_at_once(tiny_dir, monkeypatch, python_sigint):
     """og holds the GIL for the whole prefill, so Python's handler could not run until it returns: during the
     prefill `run` leaves SIGINT to its default action (the process ends at once), and gives Python's handler back
     for the answer (Ctrl-C then keeps the partial text: test_ctrl_c_keeps_the_partial_answer)."""
