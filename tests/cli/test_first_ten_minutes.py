@@ -37,8 +37,11 @@ def test_readme_first_command_installs_the_runtime_alone_and_ci_runs_its_test_co
     assert "phi3v-ort run --model-dir tests/fixtures/tiny-int4-cpu -i tests/data/chart.png" in setup
     assert "pip install torch==2.13.0 -e '.[test,build]'" in tests and tests.endswith("python -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text()
-    # .ci/run reads the test command from the README (the line after "# run the tests"), in a venv made anew
-    assert "rm -rf .venv" in ci and "python3 -m venv .venv" in ci
+    # .ci/run reads the test command from the README (the line after "# run the tests") and runs it in a copy of
+    # the tree with a venv made anew there: the user's own .venv is never removed (issue 23)
+    assert "rm -rf .venv" not in ci and 'rm -rf "$work"' in ci and "work=.ci/checkout" in ci
+    assert ci.index('cd "$work"') < ci.index("python3 -m venv .venv")
+    assert ".ci/checkout/" in (ROOT / ".gitignore").read_text().splitlines()
     got = subprocess.run(["awk", "/^# run the tests/ { getline; print; exit }", "README.md"], cwd=ROOT,
                          capture_output=True, text=True).stdout.strip()
     assert got == tests
