@@ -30,3 +30,15 @@ class SettingError(Phi3vError):
 
 class ConstraintError(Phi3vError):
     """An output constraint (JSON schema, regex, grammar) that is malformed or that og cannot compile."""
+
+
+def install_hint(extra: str) -> str:
+    """The one way a message says how to add an optional extra. It holds for phi3v-ort installed from a clone
+    (`pip install -e .`), from a built wheel or from an index alike: pip finds phi3v-ort installed and adds only the
+    extra's dependencies (checked with `pip install --dry-run --no-index`)."""
+    return f"pip install 'phi3v-ort[{extra}]'"
+
+
+def missing_extra(what: str, extra: str, module: str | None) -> Phi3vError:
+    """`what` cannot run because a module of an optional extra is not installed: one sentence with the fix."""
+    return Phi3vError(f"{what} needs the {extra} extra ({module or 'a module'} is missing): {install_hint(extra)}")

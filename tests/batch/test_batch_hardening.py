@@ -198,11 +198,20 @@ def test_bad_lines_are_reported_and_the_rest_runs(tiny_dir, png, tmp_path):
     rows = {r["id"]: r for r in lines(out)}
     assert len(lines(out)) == len(rows) == 5  # one line per id: the repeated id is not written twice
     assert rows["good1"]["question"] == "Say hi." and "answer" in rows["good1"]
-    assert rows["good2"]["images"] == [str(tmp_path / "pic.png")] and len(rows["good2"]["stats"]["image_tokens"]) == 1
+    # images echo the input as written (a string becomes its one-item list), not rewritten to the current folder
+    assert rows["good2"]["images"] == ["pic.png"] and len(rows["good2"]["stats"]["image_tokens"]) == 1
     for bad_id, words in (("noq", "no question"), ("badimg", "images must be"), ("mixed", "images must be")):
         assert "answer" not in rows[bad_id] and words in rows[bad_id]["error"], rows[bad_id]
     assert "2 answered, 3 failed, 0 already done" in result.stderr
     assert "3 items have an error line in the output, 4 input lines could not be run" in result.stderr
+
+
+def test_the_summary_counts_one_item_in_the_singular(tiny_dir, tmp_path):
+    src = write_jsonl(tmp_path / "items.jsonl", {"id": "ok", "images": [], "question": "Say hi."},
+                      {"id": "noq", "images": []}, "{not json")
+    result = batch(tiny_dir, src, "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 3, result.stderr
+    assert "Not complete: 1 item has an error line in the output, 1 input line could not be run" in result.stderr
 
 
 def test_images_as_one_string(tmp_path):
@@ -237,6 +246,7 @@ def test_relative_images_resolve_from_the_jsonl_folder(tiny_dir, png, tmp_path, 
     assert result.exit_code == 0, result.stderr
     rows = {r["id"]: r for r in lines(out)}
     assert "answer" in rows["rel"] and "answer" in rows["abs"], rows
+    assert rows["rel"]["images"] == ["pics/a.png"] and rows["abs"]["images"] == [str(absolute)]  # as written
 
 
 def test_folder_input_still_works(tiny_dir, png, tmp_path, monkeypatch):
@@ -260,7 +270,7 @@ def test_failed_items_are_retried(tiny_dir, png, tmp_path):
     out = tmp_path / "out.jsonl"
     first = batch(tiny_dir, src, "-o", out)
     assert first.exit_code == 3, first.stderr
-    assert "2 answered, 1 failed, 0 already done" in first.stderr and "1 items have an error line" in first.stderr
+    assert "2 answered, 1 failed, 0 already done" in first.stderr and "1 item has an error line" in first.stderr
     rows = {r["id"]: r for r in lines(out)}  # lines come in order of completion
     assert sorted(rows) == ["late", "ok", "text"] and "error" in rows["late"] and len(lines(out)) == 3
 

@@ -540,3 +540,14 @@ def test_read_input_spec_equals_onnx(tiny_dir, role):
         assert spec.shape == shape, value.name
     with pytest.raises(Phi3vError, match="no input named"):
         read_input_spec(path, "no_such_input")
+
+
+def test_an_unknown_tag_names_the_tags_the_images_allow_in_words_that_fit_their_count():
+    from phi3v_ort.inputs.prompt import check_image_tags
+
+    with pytest.raises(Phi3vError) as one:
+        check_image_tags([2], [1])
+    assert str(one.value) == "unknown image tag <|image_2|>: with 1 image the only tag is <|image_1|>"
+    with pytest.raises(Phi3vError) as two:
+        check_image_tags([3], [1, 2])
+    assert str(two.value) == "unknown image tag <|image_3|>: with 2 images the tags are <|image_1|> to <|image_2|>"

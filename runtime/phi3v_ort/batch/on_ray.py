@@ -368,7 +368,7 @@ def _run_job(todo: list[Item], sink, progress: Progress, settings: GenerationSet
                       "device": actor_device, "threads": threads, "items": len(todo), "blocks": blocks,
                       "cluster_cpus": cluster_cpus, "cluster_gpus": cluster_gpus})
 
-        originals = {it.id: list(it.images) for it in todo}
+        originals = {it.id: it.echoed_images for it in todo}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray.data.context")
             ds = ray.data.from_items([{"id": it.id, "images": [_resolve_local(s) for s in it.images],

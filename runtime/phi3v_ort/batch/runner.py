@@ -15,7 +15,8 @@ Output
   in the way, a parent that is a file), that is the input file itself (also through a symlink, a hard link or
   another spelling), or that is not a batch result file (so nothing else is ever appended to or truncated).
 - Each result line is written, flushed and fsynced as soon as its item is done; a failing item becomes a line
-  with an `error` field and the run goes on.
+  with an `error` field and the run goes on. A line's `images` are the item's as the input wrote them (a relative
+  path stays relative to the JSONL file, not rewritten for the current folder).
 - Re-running with the same output is a resume: ids whose last line is an answer are skipped; a truncated last
   line from an interrupted run is cut off first, so the file stays valid JSONL. Ids whose last line is an error
   are retried (unless `retry_errors=False`, CLI --no-retry-errors): their old lines are dropped by writing the
@@ -67,8 +68,14 @@ RESULT_START = b'{"id"'  # every result line starts so (json.dumps of a dict who
 @dataclass(frozen=True)
 class Item:
     id: str
-    images: tuple[str, ...]
+    images: tuple[str, ...]  # what to load: a JSONL's relative paths resolved against the JSONL's folder
     question: str
+    as_given: tuple[str, ...] | None = None  # the images as the input line wrote them (None: as `images`)
+
+    @property
+    def echoed_images(self) -> list[str]:
+        """The images as the output line shows them: as the input named them, not rewritten."""
+        return list(self.images if self.as_given is None else self.as_given)
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ def read_batch(source: str | Path, question: str | None = None) -> BatchInput:
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        parsed = _parse_line(line, question, base)
+        parsed = _parse_line(line, question)
         if isinstance(parsed, str):  # no usable id: reported only
             bad.append(BadLine(n, parsed))
             continue
@@ -149,7 +156,7 @@ def read_batch(source: str | Path, question: str | None = None) -> BatchInput:
         if problem:
             bad.append(BadLine(n, problem, item_id, images, item_question))
         else:
-            items.append(Item(item_id, images, item_question))
+            items.append(Item(item_id, tuple(_resolve_image(i, base) for i in images), item_question, images))
     return BatchInput(source, items, bad)
 
 
@@ -162,8 +169,9 @@ def read_items(source: str | Path, question: str | None = None) -> list[Item]:
     return batch.items
 
 
-def _parse_line(line: str, default_question: str | None, base: Path):
-    """(id, images, question, problem or None) for a line with a usable id, else the problem (a str)."""
+def _parse_line(line: str, default_question: str | None):
+    """(id, images as written, question, problem or None) for a line with a usable id, else the problem (a
+    str)."""
     try:
         row = json.loads(line)
     except ValueError as exc:
@@ -196,7 +204,7 @@ def _parse_line(line: str, default_question: str | None, base: Path):
     elif not all(isinstance(i, str) and i.strip() for i in raw_images):
         problems.append("images must be a list of non-empty path/URL strings")
     else:
-        images = tuple(_resolve_image(i, base) for i in raw_images)
+        images = tuple(raw_images)
     return item_id, images, item_question, "; ".join(problems) or None
 
 
@@ -473,7 +481,7 @@ def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSe
     """One item on the first idle worker (in a generation thread): its result line, or its error line."""
     from phi3v_ort.workers.pool import Job, run_job
 
-    base = {"id": item.id, "images": list(item.images), "question": item.question}
+    base = {"id": item.id, "images": item.echoed_images, "question": item.question}
     try:
         images = prepared.result()
         worker = pool.acquire()

@@ -116,6 +116,8 @@ class TorchEngine:
             self.torch.cuda.synchronize()
 
     def generate(self, inputs: dict, max_new_tokens: int, preprocess_s: float) -> dict:
+        from transformers import DynamicCache
+
         torch = self.torch
         ids = torch.from_numpy(inputs["input_ids"].astype(np.int64)).to(self.device)
         with torch.inference_mode():
@@ -127,14 +129,13 @@ class TorchEngine:
                 sizes = torch.from_numpy(inputs["image_sizes"].astype(np.int64)).to(self.device)
                 feats = self.ref.image_features(pv, sizes)
             embeds = self.ref.embed(ids, feats)
-            out = self.ref.decoder(inputs_embeds=embeds, use_cache=True)
+            cache = DynamicCache(config=self.ref.decoder.config)  # grows in place (see cache_argument)
+            out = self.ref.decoder(inputs_embeds=embeds, use_cache=True, **self.ref.cache_argument(cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens = [int(token)]  # .item() synchronises
             t_first = time.perf_counter()
-            past = out.past_key_values
             for _ in range(max_new_tokens - 1):
-                out = self.ref.decoder(input_ids=token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.ref.decoder(input_ids=token, use_cache=True, **self.ref.cache_argument(cache))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(int(token))
             t_last = time.perf_counter()

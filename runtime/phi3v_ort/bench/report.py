@@ -147,6 +147,23 @@ def _decode_limit(r: dict, engines: list[dict]) -> list[str]:
     return lines
 
 
+def no_chart_reason(r: dict) -> str:
+    """Why a run has no chart, in words (chart() returned None)."""
+    import importlib.util
+
+    from phi3v_ort.bench.scenarios import SCENARIOS
+    from phi3v_ort.errors import install_hint
+
+    ran = [e["label"] for e in r["engines"] if "error" not in e]
+    if len(ran) < 2:
+        return (f"it compares phi3v-ort with the transformers reference, and only {ran[0] if ran else 'no engine'} "
+                "ran")
+    if importlib.util.find_spec("matplotlib") is None:
+        return f"it needs matplotlib: {install_hint('bench')}"
+    generating = ", ".join(name for name, s in SCENARIOS.items() if s.kind == "generate")
+    return f"it compares generation, and no scenario of this run generates ({generating} do)"
+
+
 def chart(r: dict, path: Path) -> Path | None:
     """Bars of phi3v-ort's decode speed-up and time-to-first-token ratio per scenario; None without matplotlib."""
     try:

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,9 @@ def run_batch_scenario(engine: OrtEngine, scenario, cfg: dict) -> dict:
 
 
 def main(config_path: str, result_path: str) -> None:
+    # a library's deprecation notes (transformers' FutureWarnings) are for its callers' authors, not for whoever
+    # reads a benchmark's progress: the reference's own calls follow the installed transformers (cache_argument)
+    warnings.simplefilter("ignore", FutureWarning)
     cfg = json.loads(Path(config_path).read_text())
     if cfg["engine"] == "ort":
         engine = OrtEngine(cfg["model_dir"], cfg["device"], cfg.get("share_buffer", True), cfg.get("cuda_graph", False),

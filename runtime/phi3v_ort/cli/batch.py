@@ -10,7 +10,7 @@ from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, sampling_options,
                                    start_workers, threads_option)
 from phi3v_ort.engine.settings import GenerationSettings
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import Phi3vError, install_hint
 
 
 @cli.command(short_help="Answer a JSONL file or a folder of images into a JSONL file.")
@@ -83,8 +83,8 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
         try:
             from phi3v_ort.batch import on_ray as distributed
         except ImportError as exc:
-            raise Phi3vError(f"--ray needs Ray Data ({exc.name or exc} is missing): "
-                             "pip install 'phi3v-ort[ray]'") from None
+            raise Phi3vError(f"--ray needs Ray Data ({exc.name or exc} is missing): {install_hint('ray')}") \
+                from None
         distributed.check(output, source, ids, retry_errors)
     else:
         check_output(output, source, ids, retry_errors)
@@ -127,12 +127,17 @@ def _batch_summary(p, data, output: str) -> None:
     click.echo(f"{p.done} answered, {p.failed} failed, {p.skipped} already done: {output}{notes}", err=True)
     unrun = sum(1 for b in data.bad if b.id is None)
     if p.failed or p.kept_failed or unrun or p.unanswered:
-        unrun_note = f", {unrun} input lines could not be run (listed above)" if unrun else ""
-        lost_note = (f", {p.unanswered} items got no line (Ray gave up on their actor after it died repeatedly)"
-                     if p.unanswered else "")
-        click.echo(f"Not complete: {p.failed + p.kept_failed} items have an error line in the output{unrun_note}"
-                   f"{lost_note}; fix them and run the same command to retry.", err=True)
+        unrun_note = f", {_count(unrun, 'input line')} could not be run (listed above)" if unrun else ""
+        lost_note = (f", {_count(p.unanswered, 'item')} got no line (Ray gave up on their actor after it died "
+                     "repeatedly)" if p.unanswered else "")
+        failed = p.failed + p.kept_failed
+        click.echo(f"Not complete: {_count(failed, 'item')} {'has' if failed == 1 else 'have'} an error line in the "
+                   f"output{unrun_note}{lost_note}; fix them and run the same command to retry.", err=True)
         sys.exit(3)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ray_batch(distributed, data, output: str, settings, **options):

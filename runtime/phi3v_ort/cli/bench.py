@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from phi3v_ort.cli.group import cli
@@ -56,19 +54,22 @@ def _choices(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ..
               help="Tokens generated per run (the end token is ignored, so every run decodes N).")
 @click.option("--cuda-graph", is_flag=True, help="phi3v-ort with CUDA graphs (CUDA only; ignored on the CPU).")
 @click.option("--no-share-buffer", is_flag=True, help="phi3v-ort without the shared KV buffer.")
-@click.option("--out", default="benchmarks/results/bench", show_default=True,
-              help="Result path without extension (.json, .md, and .png when both engines ran).")
+@click.option("--out", default=None, metavar="PATH",
+              help="Result path without extension (.json, .md, and .png when both engines ran) [default: "
+              "bench in the folder MODEL-DATE-TIME of $XDG_DATA_HOME/phi3v-ort/bench, else of "
+              "~/.local/share/phi3v-ort/bench; the files are printed].")
 @input_options
 @threads_option
 def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str | None, device: str, torch_dtype: str,
           torch_attn: str, reps: int, warmup: int, max_new_tokens: int, cuda_graph: bool, no_share_buffer: bool,
-          out: str, crops: int | None, processor: str, threads: int | None) -> None:
+          out: str | None, crops: int | None, processor: str, threads: int | None) -> None:
     """Measure phi3v-ort against the transformers reference on the same weights.
 
-    Each engine runs in its own process; the results go to OUT.json, OUT.md and OUT.png. The torch engine needs
-    the build extra (pip install torch -e '.[build]') and a transformers checkpoint of the package's weights:
-    scripts/make_synthetic_model.py writes one beside each package it builds (--out DIR: DIR.checkpoint). Exits
-    non-zero when an engine fails.
+    Each engine runs in its own process; the results go to OUT.json, OUT.md and OUT.png (their paths are printed).
+    The torch engine needs the build extra (pip install 'phi3v-ort[build]') and a transformers checkpoint of the
+    package's weights: scripts/make_synthetic_model.py writes one beside each package it builds (--out DIR:
+    DIR.checkpoint). An engine that cannot run here is skipped, with the reason on stderr; exits non-zero when an
+    engine that ran failed, or when none can run.
 
     \b
     Examples:
@@ -76,9 +77,9 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
       phi3v-ort bench --model-dir models/tiny --scenarios chart,text --reps 3
       phi3v-ort bench --model-dir models/tiny --engines ort --out /tmp/ort-only
     """
-    import importlib.util
-
     from phi3v_ort.bench.harness import BenchConfig, run, write
+    from phi3v_ort.bench.plan import default_out, plan_engines
+    from phi3v_ort.bench.report import no_chart_reason
     from phi3v_ort.bench.scenarios import DEFAULT_SCENARIOS
     from phi3v_ort.package.loading import read_package
 
@@ -89,18 +90,12 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
     dtypes = _choices(torch_dtype, TORCH_DTYPES, "--torch-dtype")
     attn = _choices(torch_attn, TORCH_ATTN, "--torch-attn")
     read_package(model_dir)  # one sentence if it is not a package
-    if "torch" in engine_names:
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise Phi3vError(f"the torch engine needs the build extra ({missing[0]} is missing): pip install "
-                             "torch -e '.[build]', or measure phi3v-ort alone with --engines ort")
-        checkpoint = checkpoint or str(Path(model_dir).resolve()) + ".checkpoint"
-        if not (Path(checkpoint) / "config.json").is_file():
-            raise Phi3vError(f"the torch engine needs a transformers checkpoint of the same weights and there is "
-                             f"none at {checkpoint}: scripts/make_synthetic_model.py writes it next to the package "
-                             "(--out DIR gives DIR.checkpoint); pass --checkpoint DIR, or use --engines ort")
+    plan = plan_engines(engine_names, model_dir, checkpoint)
+    for reason in plan.skipped.values():
+        click.echo(f"Skipped: {reason}.", err=True)
+    out = out or str(default_out(model_dir))
     note_cuda_graph(cuda_graph, device)
-    cfg = BenchConfig(model_dir=model_dir, checkpoint=checkpoint, engines=engine_names,
+    cfg = BenchConfig(model_dir=model_dir, checkpoint=plan.checkpoint, engines=plan.engines,
                       scenarios=names, device=device, torch_dtypes=dtypes,
                       torch_attn=attn, reps=reps, warmup=warmup,
                       max_new_tokens=max_new_tokens, cuda_graph=cuda_graph, share_buffer=not no_share_buffer, out=out,
@@ -111,7 +106,6 @@ def bench(model_dir: str, checkpoint: str | None, engines: str, scenarios: str |
         click.echo(str(path))
     failed = [e for e in result["engines"] if "error" in e]
     if not any(p.suffix == ".png" for p in paths) and not failed:
-        click.echo("No chart: it compares the two engines (and needs matplotlib: pip install "
-                   "'phi3v-ort[bench]').", err=True)
+        click.echo(f"No chart: {no_chart_reason(result)}.", err=True)
     if failed:
         raise Phi3vError("; ".join(f"{e['label']} failed ({e['error']}; its output is above)" for e in failed))

@@ -38,14 +38,15 @@ def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir
     """
     from phi3v_ort.engine.preview import preview, preview_dict
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.package.fetch import resolve_model_dir
+    from phi3v_ort.package.fetch import resolve_inputs_dir, resolve_model_dir
 
     if images.count("-") > 1:
         raise Phi3vError("stdin ('-') can be given as an image only once")
     if save_pixels and not save_pixels.endswith(".npy"):
         raise Phi3vError("--save-pixels needs a file name ending in .npy")
     loaded_images = [load_image(src) for src in images]
-    folder = resolve_model_dir(model, model_dir, device)
+    # the runtime's pipeline reads only the tokenizer and configs: a catalog model not on disk fetches just those
+    folder = (resolve_model_dir if processor == "og" else resolve_inputs_dir)(model, model_dir, device)
     inputs = preview(folder, question, loaded_images, system, processor, crops, device)
     if save_pixels:
         _save_npy(save_pixels, inputs.pixel_values)
@@ -54,6 +55,8 @@ def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir
         click.echo(json.dumps(shown, ensure_ascii=False))
         return
     sizes = shown["image_sizes"]
+    click.echo("prompt (each image tag stands for that image's tokens)")
+    click.echo("".join(f"  {line}\n" for line in inputs.prompt.splitlines()), nl=False)
     click.echo(f"prompt tokens      {inputs.prompt_tokens} (image tokens: "
                f"{', '.join(map(str, inputs.image_tokens)) or 'none'})")
     for img, (h, w) in zip(loaded_images, sizes):

@@ -8,7 +8,7 @@ import click
 
 from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import model_options, start_workers, threads_option
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import missing_extra
 
 
 @cli.command(short_help="Serve an OpenAI-compatible API and a web page to try it.")
@@ -57,7 +57,7 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
     try:
         from phi3v_ort.server.app import ServerLimits, bind_socket, create_app, serve_forever
     except ImportError as exc:
-        raise Phi3vError(f"serving needs the serve extra ({exc.name} is missing): pip install 'phi3v-ort[serve]'")
+        raise missing_extra("serving", "serve", exc.name) from None
     idle_exit_s = parse_duration(idle_exit, "--idle-exit") if idle_exit is not None else None
     sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
     try:

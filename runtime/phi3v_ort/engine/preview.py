@@ -1,7 +1,7 @@
 """What the model would see for a request, without generating (`phi3v-ort prepare`, `Model.prepare`).
 
-The runtime's own pipeline needs only the package's files (tokenizer, configs, the vision model's declared input);
-og's processor exists only inside a loaded model, so `processor="og"` loads it.
+The runtime's own pipeline needs only the package's files (tokenizer, configs, the vision model's declared input),
+not its weights; og's processor exists only inside a loaded model, so `processor="og"` loads it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def preview(folder: str | Path, question: str, images: Sequence[ImageInput] = ()
     """The model's inputs for `question` about `images`, built by the chosen processor."""
     if processor == "og":
         return prepare(load_model(folder, device=device), question, images, system, "og", crops)
-    pipeline = make_pipeline(open_inputs(read_package(folder)), processor, crops)
+    pipeline = make_pipeline(open_inputs(read_package(folder, inputs_only=True)), processor, crops)
     return pipeline.inputs(build_prompt(question, len(images), system), [pipeline.prepare_image(i) for i in images])
 
 

@@ -126,8 +126,9 @@ def check_image_tags(tags: list[int], numbers: list[int]) -> None:
     if unknown and not numbers:
         raise Phi3vError(f"the question contains the image tag <|image_{unknown[0]}|> but no image was given")
     if unknown:
-        raise Phi3vError(f"unknown image tag <|image_{unknown[0]}|>: with {len(numbers)} image(s) the tags are "
-                         f"<|image_{numbers[0]}|> to <|image_{numbers[-1]}|>")
+        allowed = (f"1 image the only tag is <|image_{numbers[0]}|>" if len(numbers) == 1 else
+                   f"{len(numbers)} images the tags are <|image_{numbers[0]}|> to <|image_{numbers[-1]}|>")
+        raise Phi3vError(f"unknown image tag <|image_{unknown[0]}|>: with {allowed}")
     repeated = sorted({t for t in tags if tags.count(t) > 1})
     if repeated:
         raise Phi3vError(f"the image tag <|image_{repeated[0]}|> appears more than once in the question")

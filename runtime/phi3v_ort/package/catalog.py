@@ -74,6 +74,13 @@ def find_variant(model: str, variant: str) -> Variant:
     raise Phi3vError(f"unknown variant {variant!r} of {model}: choose one of {names}")
 
 
+def input_files(variant: Variant) -> tuple[str, ...]:
+    """What the runtime's input pipeline reads of a variant's folder: the configs, the tokenizer and the vision
+    model's graph (its pixel_values shape and dtype; the weights are in the .onnx.data beside it)."""
+    vision = next(n.vision for n in (contract.PHI3_FILE_NAMES, contract.PHI35_FILE_NAMES) if n.vision in variant.files)
+    return (*contract.SIDE_FILES, vision)
+
+
 def default_variant(device: str) -> str:
     """GPU int4 when the model will run on CUDA, CPU int4 otherwise."""
     return "gpu-int4" if device == "cuda" else "cpu-int4"

@@ -9,6 +9,10 @@ dropped mid-file is retried within the same call from the last 10 MiB written; f
 downloaded again; a file cut off by Ctrl-C or a failed call restarts from zero on the next fetch (the client
 deletes its per-attempt `.incomplete` file), and nothing half-written ever sits under the final name.
 HF_ENDPOINT and HF_HUB_CACHE are read when a fetch runs, not only when huggingface_hub is imported.
+
+Names: `-m NAME` is a catalog model (phi-3-vision, optionally :cpu-int4) or, failing that, a local package of the
+models folder (package/local.py); catalog names keep priority. `fetch --name NAME` makes a fetched build a local
+package.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3v_ort.package.catalog import Variant
+from phi3v_ort.package import local
+from phi3v_ort.package.catalog import Variant, input_files
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.package.loading import read_package
 
@@ -78,10 +83,6 @@ def check_folder(path: Path, variant: Variant, expected_sizes: dict[str, int] | 
     return None
 
 
-def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
-
-
 def locate(variant: Variant, revision: str | None = None, cache_dir: str | None = None,
            local_dir: str | None = None) -> LocalCopy:
     """What of `variant` is already on this machine (the hub cache, or `local_dir`), without the network."""
@@ -96,13 +97,12 @@ def locate(variant: Variant, revision: str | None = None, cache_dir: str | None 
     if not path.exists():
         return LocalCopy(variant, None, False, 0, None)
     problem = check_folder(path, variant)
-    return LocalCopy(variant, path, problem is None, folder_size(path), problem)
+    return LocalCopy(variant, path, problem is None, local.folder_size(path), problem)
 
 
-def fetch(variant: Variant, revision: str | None = None, cache_dir: str | None = None,
-          local_dir: str | None = None) -> Path:
-    """Download the variant's folder (resuming anything partial) and return it once it checks complete."""
-    from huggingface_hub import HfApi, snapshot_download
+def hub_listing(variant: Variant, revision: str | None = None) -> dict[str, int | None]:
+    """The variant folder's files on the hub and their sizes, checked to hold what the catalog expects."""
+    from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint())
     try:
@@ -118,24 +118,84 @@ def fetch(variant: Variant, revision: str | None = None, cache_dir: str | None =
     if missing:
         raise Phi3vError(f"the hub's copy of {variant.repo}/{variant.folder} lacks {missing[0]}: "
                          "it cannot be used as a Phi-3-vision package")
+    return listed
 
+
+def fetch(variant: Variant, revision: str | None = None, cache_dir: str | None = None,
+          local_dir: str | None = None, only: tuple[str, ...] | None = None) -> Path:
+    """Download the variant's folder (resuming anything partial) and return it once it checks complete.
+    `only`: just these files of it (fetch_inputs), checked to have arrived whole."""
+    from huggingface_hub import snapshot_download
+
+    listed = hub_listing(variant, revision)
+    wanted = listed if only is None else {name: listed.get(name) for name in only}
     target = Path(local_dir).expanduser() if local_dir else Path(hub_cache(cache_dir))
-    need = sum(size or 0 for size in listed.values())
+    need = sum(size or 0 for size in wanted.values())
     _check_disk(target, need, variant)
-    print(f"Fetching {variant.label} from {variant.repo} ({variant.folder}, {need / 2**30:.2f} GB) "
-          f"into {target}", file=sys.stderr, flush=True)
+    what = variant.label if only is None else f"the tokenizer and configs of {variant.label}"
+    size = f"{need / 2**30:.2f} GB" if only is None else f"{need / 2**20:.1f} MB"
+    print(f"Fetching {what} from {variant.repo} ({variant.folder}, {size}) into {target}", file=sys.stderr,
+          flush=True)
+    patterns = [f"{variant.folder}/*"] if only is None else [f"{variant.folder}/{name}" for name in only]
     try:
-        root = snapshot_download(variant.repo, revision=revision, allow_patterns=[f"{variant.folder}/*"],
+        root = snapshot_download(variant.repo, revision=revision, allow_patterns=patterns,
                                  cache_dir=None if local_dir else hub_cache(cache_dir), local_dir=local_dir,
                                  endpoint=endpoint())
     except BaseException as exc:
         raise hub_error(exc, variant, revision, target) from None
     path = Path(root) / variant.folder
-    problem = check_folder(path, variant, listed)
+    problem = check_folder(path, variant, listed) if only is None else _check_files(path, wanted)
     if problem:
         raise Phi3vError(f"the download of {variant.label} is not complete ({problem}); run the same fetch again "
                          "to resume it")
     return path
+
+
+def _check_files(path: Path, sizes: dict[str, int | None]) -> str | None:
+    for name, size in sorted(sizes.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{path} is incomplete: {name} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{path} is incomplete: {name} has {f.stat().st_size:,} of {size:,} bytes"
+    return None
+
+
+def fetch_inputs(variant: Variant, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A folder holding what the runtime's input pipeline reads of the variant (configs, tokenizer, the vision
+    model's graph: megabytes, where the whole package is gigabytes): the copy on disk, whole or not, when it holds
+    them, else only those files fetched (`prepare` tokenizes with them; `run` fetches the rest later)."""
+    found = locate(variant, revision, cache_dir)
+    if found.path is not None and inputs_problem(found.path) is None:
+        return found.path
+    return fetch(variant, revision, cache_dir, only=input_files(variant))
+
+
+def inputs_problem(path: Path) -> str | None:
+    """None when the folder holds what the input pipeline reads (read_package(inputs_only=True)), else why not."""
+    try:
+        read_package(path, inputs_only=True)
+    except Phi3vError as exc:
+        return str(exc)
+    return None
+
+
+def ensure_named(variant: Variant, name: str, revision: str | None = None) -> Path:
+    """The variant as the local package `name` (models folder/NAME): the complete copy already there, or a fetch
+    into a hidden staging folder beside it (resumed by the same command, like any --dir fetch), moved into place
+    once complete. A folder of that name holding anything else is refused, never overwritten."""
+    target = local.package_path(name)
+    if target.exists():
+        problem = check_folder(target, variant)
+        if problem is None:
+            return target
+        raise Phi3vError(f"the local package {name!r} ({target}) is not a complete copy of {variant.label} "
+                         f"({problem}): choose another --name, or remove that folder")
+    staging = target.parent / f".{name}.fetching"
+    path = ensure(variant, revision, local_dir=str(staging))
+    path.rename(target)  # the same file system: the package appears whole or not at all
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def ensure(variant: Variant, revision: str | None = None, cache_dir: str | None = None,
@@ -166,12 +226,16 @@ def hub_error(exc: BaseException, variant: Variant, revision: str | None, target
     from huggingface_hub import errors as hf
 
     where = f"{variant.repo} ({variant.folder})"
-    offline_hint = (f"run `phi3v-ort fetch -m {variant.model} --variant {variant.name}` on a machine with access "
-                    "to the hub, or point --model-dir at a folder that holds the model")
+    offline_hint = (
+        "to reach the hub another way, set HTTPS_PROXY (a proxy) or HF_ENDPOINT (a mirror of huggingface.co), with "
+        "HF_TOKEN if it asks for a token, and run the same command again; or copy the package from a machine that "
+        f"has it (there: `phi3v-ort fetch -m {variant.model} --variant {variant.name} --dir DIR`) and pass its "
+        "folder with --model-dir")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError)):
-        return Phi3vError(f"no complete copy of {variant.label} is on this machine and the hub cannot be reached "
-                          f"(offline): {offline_hint}")
+        cause = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub cannot be reached"
+        return Phi3vError(f"no complete copy of {variant.label} is on this machine and {cause} (offline): "
+                          f"{offline_hint}")
     if isinstance(exc, hf.GatedRepoError) or status in (401, 403) and not isinstance(exc, hf.RepositoryNotFoundError):
         return Phi3vError(f"the hub refused access to {where} (HTTP {status or 401}): set HF_TOKEN to a token that "
                           "can read it")
@@ -211,10 +275,10 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def model_target(model: str | None, model_dir: str | None, device: str) -> Path | Variant:
-    """What the options name, without touching the network: a folder (--model-dir, or a folder given by name), or
-    the catalog variant of a name from -m / PHI3V_ORT_MODEL / the default (a name may pin a variant:
-    `phi-3-vision:cpu-int4`)."""
-    from phi3v_ort.package.catalog import DEFAULT_MODEL, MODEL_ENV, select
+    """What the options name, without touching the network: a folder (--model-dir, or a folder given by name), the
+    catalog variant of a name from -m / PHI3V_ORT_MODEL / the default (a name may pin a variant:
+    `phi-3-vision:cpu-int4`), or else a local package of the models folder by its name."""
+    from phi3v_ort.package.catalog import DEFAULT_MODEL, MODEL_ENV, MODELS, select
     from phi3v_ort.package.device import resolve_device
 
     if model and model_dir:
@@ -224,11 +288,36 @@ def model_target(model: str | None, model_dir: str | None, device: str) -> Path 
     name = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if Path(name).expanduser().is_dir() or "/" in name or os.sep in name:
         return Path(name).expanduser()  # a folder, given by name (read_package says if it is missing)
-    return select(name, None, resolve_device(device))
+    if name.partition(":")[0] in MODELS:  # catalog names keep priority over local packages
+        return select(name, None, resolve_device(device))
+    found = local.find_local(name)
+    if found is None:
+        raise local.unknown_model(name)
+    return found
+
+
+def model_names(model: str | None, model_dir: str | None, device: str) -> tuple[str, ...]:
+    """The names the model the options choose answers to, its own first (what a server shows as its id): a catalog
+    name as given, then its variant's label (`phi-3-vision`, `phi-3-vision:cpu-int4`); a local package's name
+    (also when given as its folder); else the folder's own name. Never touches the network."""
+    target = model_target(model, model_dir, device)
+    if isinstance(target, Path):
+        return (local.local_name(target) or target.expanduser().resolve().name,)
+    from phi3v_ort.package.catalog import MODEL_ENV
+
+    given = model or os.environ.get(MODEL_ENV) or target.model
+    return tuple(dict.fromkeys((given, target.label)))
 
 
 def resolve_model_dir(model: str | None, model_dir: str | None, device: str) -> Path:
-    """The folder to load: --model-dir as given, else a catalog name (or folder) from -m / PHI3V_ORT_MODEL /
-    the default, found on disk or fetched on first use."""
+    """The folder to load: --model-dir as given, else a catalog name (or folder, or local package) from -m /
+    PHI3V_ORT_MODEL / the default, found on disk or fetched on first use."""
     target = model_target(model, model_dir, device)
     return target if isinstance(target, Path) else ensure(target)
+
+
+def resolve_inputs_dir(model: str | None, model_dir: str | None, device: str) -> Path:
+    """As resolve_model_dir, for what needs only the input pipeline (`prepare`): a catalog model not on disk gets
+    its tokenizer and configs fetched, not the whole package."""
+    target = model_target(model, model_dir, device)
+    return target if isinstance(target, Path) else fetch_inputs(target)

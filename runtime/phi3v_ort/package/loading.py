@@ -47,8 +47,10 @@ def _fail_if_missing(path: Path, what: str) -> None:
         raise Phi3vError(f"the model folder {path.parent} is incomplete: {what} {path.name} is missing")
 
 
-def read_package(path: str | Path) -> PackageInfo:
-    """Check a package folder against the release contract without loading any model."""
+def read_package(path: str | Path, inputs_only: bool = False) -> PackageInfo:
+    """Check a package folder against the release contract without loading any model. `inputs_only`: check only
+    what the input pipeline reads (configs, tokenizer, the vision model's graph), as a folder fetched for `prepare`
+    holds them."""
     path = Path(path).expanduser()
     if not path.exists():
         raise Phi3vError(f"model folder not found: {path}")
@@ -74,8 +76,8 @@ def read_package(path: str | Path) -> PackageInfo:
 
     files = contract.FileNames(vision=vision["filename"], embedding=embedding["filename"],
                                decoder=decoder["filename"])
-    for role, name in (("vision model", files.vision), ("embedding model", files.embedding),
-                       ("decoder", files.decoder)):
+    models = (("vision model", files.vision), ("embedding model", files.embedding), ("decoder", files.decoder))
+    for role, name in models[:1] if inputs_only else models:
         _fail_if_missing(path / name, role)
         if (path / name).stat().st_size < MIN_MODEL_BYTES:
             raise Phi3vError(f"the model folder {path} is incomplete: {role} {name} is truncated")

@@ -33,6 +33,8 @@ Requires torch, transformers and safetensors (the `build` extra). The runtime ne
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -365,6 +367,13 @@ class Phi3VisionReference(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.get_input_embeddings().weight.dtype
 
+    def cache_argument(self, cache) -> dict[str, Any]:
+        """The decoder's KV-cache keyword argument. transformers 5.25 renamed forward's `past_key_values` to `cache`
+        (the old name still works, with a FutureWarning, until 5.40; so does reading the output's
+        `past_key_values`, with a logged warning: callers keep their own DynamicCache, which grows in place);
+        earlier 5.x releases know only the old name."""
+        return {_cache_name(type(self.decoder)): cache}
+
     def _tensor(self, x, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = torch.from_numpy(np.asarray(x.as_numpy() if hasattr(x, "as_numpy") else x))
@@ -421,8 +430,8 @@ class Phi3VisionReference(nn.Module):
         eos_index = torch.tensor(eos, dtype=torch.int64, device=self.device)
         embeds = self._prompt_embeds(input_ids, pixel_values, image_sizes, image_features)
         cache = DynamicCache(config=self.decoder.config)
-        out = self.decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                           logits_to_keep=0 if keep_prefill_logits else 1)
+        out = self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=0 if keep_prefill_logits else 1,
+                           **self.cache_argument(cache))
         prefill = out.logits[0].float() if keep_prefill_logits else None
         tokens: list[int] = []
         steps: list[torch.Tensor] = []
@@ -436,8 +445,8 @@ class Phi3VisionReference(nn.Module):
             if len(tokens) >= max_new_tokens or (not ignore_eos and token in eos):
                 return GreedyTrace(tokens, torch.stack(steps), prefill)
             next_ids = torch.tensor([[token]], dtype=torch.int64, device=self.device)
-            out = self.decoder(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True,
-                               logits_to_keep=1)
+            out = self.decoder(input_ids=next_ids, use_cache=True, logits_to_keep=1,
+                               **self.cache_argument(cache))  # the DynamicCache grows in place
 
     def generate_greedy(self, input_ids, pixel_values=None, image_sizes=None, max_new_tokens: int = 16,
                         eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False, *,
@@ -453,6 +462,12 @@ class Phi3VisionReference(nn.Module):
     def generate_from_inputs(self, inputs, max_new_tokens: int = 16, **kwargs) -> list[int]:
         """`generate_greedy` on og's processor output (og.NamedTensors or a dict of arrays/tensors)."""
         return self.generate_greedy(*_og_inputs(inputs), max_new_tokens=max_new_tokens, **kwargs)
+
+
+@functools.cache
+def _cache_name(decoder_class: type) -> str:
+    """Looked up once per class: a decode loop passes the cache at every token."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def _og_inputs(inputs) -> tuple:

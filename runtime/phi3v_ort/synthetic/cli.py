@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from phi3v_ort.errors import Phi3vError, missing_extra
+from phi3v_ort.package.local import package_target
 from phi3v_ort.synthetic.presets import PRESETS
 
 VARIANT_NAMES = ("gpu-int4", "cpu-int4", "gpu-fp16", "cpu-fp32")
@@ -28,17 +30,20 @@ BY_PRECISION = {("int4", "cpu"): "cpu-int4", ("int4", "cuda"): "gpu-int4", ("fp3
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--check/--no-check", default=False, show_default=True,
               help="Compare the package with the torch reference after the export (as `phi3v-ort export` does).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Package folder to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Package folder to write.")
+@click.option("--name", default=None, metavar="NAME", help="Instead of --out: write the local package NAME (in the "
+              "models folder, see `phi3v-ort models`), which -m NAME then runs.")
 @click.option("--checkpoint-out", type=click.Path(file_okay=False), default=None,
               help="Where the random checkpoint goes [default: OUT.checkpoint].")
 def main(preset: str, variant: str | None, precision: str | None, provider: str | None, family: str, seed: int,
-         check: bool, out_dir: str, checkpoint_out: str | None) -> None:
+         check: bool, out_dir: str | None, name: str | None, checkpoint_out: str | None) -> None:
     """Write a random Phi-3-vision checkpoint in the real layout, then export it with `phi3v-ort export`'s code
     into a package that onnxruntime-genai loads as `phi3v`. Prints the package folder.
 
     \b
       python scripts/make_synthetic_model.py --preset tiny --out models/tiny-int4-cpu
       python scripts/make_synthetic_model.py --preset full --variant gpu-int4 --out models/full-int4-cuda
+      python scripts/make_synthetic_model.py --preset small --name small-int4-cpu   # then: phi3v-ort run -m small-int4-cpu
     """
     if variant is None:
         key = (precision or "int4", provider or ("cuda" if precision == "fp16" else "cpu"))
@@ -52,11 +57,14 @@ def main(preset: str, variant: str | None, precision: str | None, provider: str 
         from phi3v_ort.reference.names import CheckpointError
         from phi3v_ort.synthetic.package import BuildOptions, build_package
     except ImportError as exc:  # torch / transformers / onnx missing
-        raise click.ClickException(f"building needs the build extra ({exc.name} is missing): "
-                                   "pip install -e '.[build]'") from None
+        raise click.ClickException(str(missing_extra("building", "build", exc.name))) from None
+    try:
+        target = package_target(out_dir, name)
+    except Phi3vError as exc:
+        raise click.UsageError(str(exc)) from None
     opts = BuildOptions(preset=preset, variant=variant, family=family, seed=seed, check=check)
     try:
-        result = build_package(out_dir, opts, checkpoint_out)
+        result = build_package(target, opts, checkpoint_out)
     except (RuntimeError, OSError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     if result.check is not None:
