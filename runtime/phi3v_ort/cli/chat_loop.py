@@ -1,6 +1,7 @@
 """The terminal chat loop behind `phi3v-ort chat`: lines in, streamed answers out, a few slash commands.
 
-Interactive (a terminal): line editing and history through readline, a prompt on stderr, Ctrl-D leaves.
+Interactive (a terminal): line editing and history through readline, a prompt on stderr, Ctrl-D leaves (on a line
+of its own).
 Scripted (stdin is not a terminal): one turn per line, no prompt. Answers go to stdout, everything else to stderr.
 
 Images are loaded and prepared for the model when they are attached (`-i` at the start: a bad one ends the
@@ -8,7 +9,8 @@ command with one error; `/image` later: one error line), so a question never fai
 A turn that fails (context too long, any unexpected error) is one `Error: ...` line, the history is kept and the
 chat goes on. Ctrl-C during an answer stops it (the turn keeps what was generated); before the first token it
 cancels the question, and its images stay attached for the next one (so do the images of a refused question:
-/detach drops them).
+/detach drops them). During the prefill, which og cannot interrupt, Ctrl-C says at once that the question will be
+cancelled (prefill_notice.py). `/load FILE` continues a conversation saved with `/save` (engine/saved.py).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from phi3v_ort.engine import guidance
 from phi3v_ort.engine.conversation import Conversation
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.generation import Finished, Notice
+from phi3v_ort.engine.saved import read_saved, restore
 from phi3v_ort.engine.guidance import outcome
 from phi3v_ort.inputs.images import ImageInput, load_image
 from phi3v_ort.cli.phase import Phase, reading
+from phi3v_ort.cli.prefill_notice import PrefillNotice
 
 HELP = """Commands:
   /image PATH   attach an image (path, URL) to your next question (repeatable)
@@ -38,6 +42,7 @@ HELP = """Commands:
                 regex PATTERN, grammar FILE.lark (a change re-prefills the conversation once)
   /save FILE    save the transcript as JSON (never over an existing file)
   /save! FILE   the same, replacing FILE if it exists
+  /load FILE    continue a conversation saved with /save (its images are read again)
   /help         this help
   /quit         leave (or Ctrl-D)
 Ctrl-C stops an answer; before the answer starts it cancels the question and keeps its images attached."""
@@ -105,19 +110,25 @@ def _prepare(conversation: Conversation, image: ImageInput, phase: Phase | None 
 
 
 def _ask(conversation: Conversation, question: str, attached: list, out: TextIO, err: TextIO,
-         phase: Phase | None = None) -> list:
+         phase: Phase | None = None, notice: PrefillNotice | None = None) -> list:
     """One turn; returns the images attached for the next question. Once the turn has started (a token came or
     the conversation recorded it) its images belong to it; a turn that never started leaves them attached.
     `phase`: a phase line (stderr on a terminal) until the first event; og holds the GIL through the prefill, so
-    it is a static line, not an animation."""
+    it is a static line, not an animation. `notice`: says at once that a Ctrl-C during the prefill cancels the
+    question when the prefill ends."""
     last = conversation.turns[-1] if conversation.turns else None
     generated = False
     phase = phase or Phase(err, enabled=False)
+    armed = None
     try:
         phase.show(reading([conversation.pipeline.image_tokens(p) for p in attached]))
+        armed = notice.arm() if notice is not None else None
         with closing(conversation.ask(question, attached)) as events:
             for event in events:
                 phase.clear()  # the first event ends the wait (a notice, or the answer's first token)
+                if notice is not None:
+                    notice.disarm(armed)
+                    armed = None
                 if isinstance(event, Notice):
                     err.write(f"[{event.message}]\n")
                 else:
@@ -136,6 +147,8 @@ def _ask(conversation: Conversation, question: str, attached: list, out: TextIO,
         error = _one_line(exc)
     finally:
         phase.clear()
+        if notice is not None:
+            notice.disarm(armed)
     if generated or (conversation.turns and conversation.turns[-1] is not last):
         out.write("\n")
         out.flush()
@@ -175,6 +188,12 @@ def _command(conversation: Conversation, line: str, attached: list, err: TextIO,
         err.write(f"answers from the next question on: {arg.split(' ', 1)[0] if arg else 'text'}\n")
     elif command == "/stats":
         err.write((format_stats(conversation.last_stats) if conversation.last_stats else "no answer yet") + "\n")
+    elif command == "/load":
+        if not arg:
+            raise Phi3vError("/load needs a file saved with /save")
+        turns = restore(conversation, read_saved(arg), load_image)
+        attached.clear()
+        err.write(f"loaded {turns} turn{'' if turns == 1 else 's'} from {arg}: the next question continues them\n")
     elif command in ("/save", "/save!"):
         if not arg:
             raise Phi3vError(f"{command} needs a file name")
@@ -209,6 +228,15 @@ def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO
     if interactive:
         _setup_readline()
         err.write("Chat with Phi-3-vision. /help for commands, Ctrl-D to leave.\n")
+    notice = PrefillNotice()
+    try:
+        return _loop(conversation, attached, stdin, out, err, interactive, format_stats, phase, notice)
+    finally:
+        notice.close()
+
+
+def _loop(conversation: Conversation, attached: list, stdin: TextIO, out: TextIO, err: TextIO, interactive: bool,
+          format_stats, phase: Phase | None, notice: PrefillNotice) -> int:
     while True:
         try:
             if interactive:
@@ -218,7 +246,9 @@ def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO
                 if not line:
                     break
                 line = line.rstrip("\n")
-        except EOFError:
+        except EOFError:  # Ctrl-D: leave on a line of its own, not after the "> " prompt
+            if interactive:
+                err.write("\n")
             break
         except KeyboardInterrupt:
             err.write("\n")
@@ -227,7 +257,7 @@ def run_chat(conversation: Conversation, images: list[ImageInput], stdin: TextIO
         if not line:
             continue
         if not line.startswith("/"):
-            attached = _ask(conversation, line, attached, out, err, phase)
+            attached = _ask(conversation, line, attached, out, err, phase, notice)
             continue
         try:
             if not _command(conversation, line, attached, err, format_stats, phase):

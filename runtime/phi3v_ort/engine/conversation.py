@@ -107,6 +107,14 @@ class Conversation:
         self.last_stats = None
         self._live = None
 
+    def restore(self, system: str | None, turns: list[Turn]) -> None:
+        """Continue an earlier conversation (engine/saved.py): its turns become the history, and the next question
+        re-prefills them with a fresh generator (og cannot load a KV cache)."""
+        system_turn(system)  # refuses image tags in the system message before anything changes
+        self.reset()
+        self.system = system
+        self.turns = list(turns)
+
     @property
     def images(self) -> list:
         return [img for turn in self.turns for img in turn.images]
