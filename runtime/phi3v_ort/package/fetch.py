@@ -226,16 +226,18 @@ def hub_error(exc: BaseException, variant: Variant, revision: str | None, target
     from huggingface_hub import errors as hf
 
     where = f"{variant.repo} ({variant.folder})"
-    offline_hint = (
-        "to reach the hub another way, set HTTPS_PROXY (a proxy) or HF_ENDPOINT (a mirror of huggingface.co), with "
-        "HF_TOKEN if it asks for a token, and run the same command again; or copy the package from a machine that "
-        f"has it (there: `phi3v-ort fetch -m {variant.model} --variant {variant.name} --dir DIR`) and pass its "
-        "folder with --model-dir")
+    copy = (f"copy the package from a machine that has it (there: `phi3v-ort fetch -m {variant.model} --variant "
+            f"{variant.name} --dir DIR`) and pass its folder with --model-dir")
+    offline_hint = ("to reach the hub another way, set HTTPS_PROXY (a proxy) or HF_ENDPOINT (a mirror of "
+                    f"huggingface.co), with HF_TOKEN if it asks for a token, and run the same command again; or {copy}")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError)):
-        cause = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub cannot be reached"
-        return Phi3vError(f"no complete copy of {variant.label} is on this machine and {cause} (offline): "
-                          f"{offline_hint}")
+        if os.environ.get("HF_HUB_OFFLINE"):
+            return Phi3vError(f"no complete copy of {variant.label} is on this machine and HF_HUB_OFFLINE is set "
+                              "(offline): unset it to fetch the model (with HTTPS_PROXY, HF_ENDPOINT or HF_TOKEN if "
+                              f"the hub needs them), or {copy}")
+        return Phi3vError(f"no complete copy of {variant.label} is on this machine and the hub cannot be reached "
+                          f"(offline): {offline_hint}")
     if isinstance(exc, hf.GatedRepoError) or status in (401, 403) and not isinstance(exc, hf.RepositoryNotFoundError):
         return Phi3vError(f"the hub refused access to {where} (HTTP {status or 401}): set HF_TOKEN to a token that "
                           "can read it")

@@ -110,9 +110,9 @@ def local_name(path: str | Path) -> str | None:
 def unknown_model(name: str) -> Phi3vError:
     """The sentence for a name that is neither a catalog model nor a local package: what both kinds hold."""
     local = [p.name for p in list_local()]
-    held = ", ".join(local) if local else "none yet"
-    return Phi3vError(f"unknown model {name!r}: the catalog has {', '.join(MODELS)}; the local packages in "
-                      f"{models_dir()} (${MODELS_ENV}) are: {held} (or pass --model-dir with a folder)")
+    held = ", ".join(local) if local else "no package yet"
+    return Phi3vError(f"unknown model {name!r}: the catalog has {', '.join(MODELS)}; the models folder "
+                      f"{models_dir()} (${MODELS_ENV}) holds {held} (or pass --model-dir with a folder)")
 
 
 def package_target(out: str | None, name: str | None, option: str = "--out") -> Path:
