@@ -191,23 +191,93 @@ def test_bench_refuses_bad_options_before_running_anything(tiny_dir, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
-def test_bench_without_a_checkpoint_says_how_to_make_one(tiny_dir, tmp_path, monkeypatch):
-    import phi3v_ort.bench.harness as harness
-
-    monkeypatch.setattr(harness, "run", lambda cfg: pytest.fail("bench ran"))
+def _as_if_torch_were_installed(monkeypatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",  # as if torch and transformers were installed
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name in ("torch", "transformers") else real(name, *a))
+
+
+def _fake_run(ran: list):
+    def run(cfg):
+        ran.append(cfg)
+        return {"engines": [{"label": "phi3v-ort", "engine": "phi3v-ort"}], "ratios": {}, "limits": {},
+                "settings": {}, "environment": {}, "prepared": {}, "bandwidth": {"bytes_per_s": None, "source": ""}}
+    return run
+
+
+def test_bench_without_a_checkpoint_skips_the_torch_engine_and_says_how_to_make_one(tiny_dir, tmp_path,
+                                                                                      monkeypatch):
+    import phi3v_ort.bench.harness as harness
+
+    ran: list = []
+    monkeypatch.setattr(harness, "run", _fake_run(ran))
+    monkeypatch.setattr(harness, "write", lambda result, out: [Path(out + ".json"), Path(out + ".md")])
+    _as_if_torch_were_installed(monkeypatch)
     package = tmp_path / "pkg"  # a copy: regenerating the fixture leaves its checkpoint beside tests/fixtures/
     shutil.copytree(tiny_dir, package)
     result = CliRunner().invoke(cli, ["bench", "--model-dir", str(package), "--out", str(tmp_path / "b")])
-    assert result.exit_code == 1
-    message = result.stderr
+    assert result.exit_code == 0, result.stderr
+    skipped = result.stderr.splitlines()[0]
+    assert skipped.startswith("Skipped: the torch engine needs a transformers checkpoint")
+    assert f"{package.resolve()}.checkpoint" in skipped and "scripts/make_synthetic_model.py" in skipped
+    assert [cfg.engines for cfg in ran] == [("ort",)]
+    # asked for the torch engine alone, nothing can run: one Error line, nothing run
+    alone = CliRunner().invoke(cli, ["bench", "--model-dir", str(package), "--engines", "torch", "--out",
+                                     str(tmp_path / "b")])
+    assert alone.exit_code == 1 and len(ran) == 1
+    message = alone.stderr
     assert message.startswith("Error: the torch engine needs a transformers checkpoint")
-    assert f"{package.resolve()}.checkpoint" in message and "scripts/make_synthetic_model.py" in message
     assert "--engines ort" in message and message.count("\n") == 1
+
+
+def test_bench_without_the_build_extra_skips_the_torch_engine(tiny_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    import phi3v_ort.bench.harness as harness
+
+    ran: list = []
+    monkeypatch.setattr(harness, "run", _fake_run(ran))
+    monkeypatch.setattr(harness, "write", lambda result, out: [Path(out + ".json"), Path(out + ".md")])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = CliRunner().invoke(cli, ["bench", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.stderr
+    assert "Skipped: the torch engine needs the build extra (torch is missing): pip install 'phi3v-ort[build]'." \
+        in result.stderr
+    assert [cfg.engines for cfg in ran] == [("ort",)]
+
+
+def test_bench_writes_into_the_data_folder_by_default_and_prints_the_files(tiny_dir, tmp_path, monkeypatch):
+    import phi3v_ort.bench.harness as harness
+
+    written = []
+    monkeypatch.setattr(harness, "run", _fake_run([]))
+    monkeypatch.setattr(harness, "write", lambda result, out: written.append(out) or [Path(out + ".json")])
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["bench", "--model-dir", str(tiny_dir), "--engines", "ort"])
+    assert result.exit_code == 0, result.stderr
+    out = Path(written[0])
+    assert out.name == "bench" and out.parent.parent == tmp_path / "data" / "phi3v-ort" / "bench"
+    assert out.parent.name.startswith("tiny-int4-cpu-")
+    assert result.stdout.strip() == str(out) + ".json"
+
+
+def test_no_chart_says_why():
+    import importlib.util
+
+    from phi3v_ort.bench.report import no_chart_reason
+
+    one = {"engines": [{"label": "phi3v-ort"}, {"label": "transformers fp32 eager", "error": "exit 1"}]}
+    assert no_chart_reason(one) == ("it compares phi3v-ort with the transformers reference, and only phi3v-ort "
+                                    "ran")
+    two = {"engines": [{"label": "phi3v-ort"}, {"label": "transformers fp32 eager"}]}
+    if importlib.util.find_spec("matplotlib") is None:
+        assert no_chart_reason(two) == "it needs matplotlib: pip install 'phi3v-ort[bench]'"
+    else:
+        assert "no scenario of this run generates" in no_chart_reason(two)
 
 
 def test_bench_exits_non_zero_when_an_engine_fails(tiny_dir, tmp_path, monkeypatch):
@@ -225,15 +295,27 @@ def test_bench_exits_non_zero_when_an_engine_fails(tiny_dir, tmp_path, monkeypat
     assert "Error: phi3v-ort failed (worker exited with 1" in result.stderr
 
 
-def test_bench_ort_alone_runs_and_exits_zero(tiny_dir, tmp_path):
-    out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "-m", "phi3v_ort", "bench", "--model-dir", str(tiny_dir), "--engines",
-                             "ort", "--scenarios", "text", "--reps", "1", "--warmup", "0", "--max-new-tokens", "2",
-                             "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+def test_bench_on_the_fixture_runs_what_can_run_into_the_data_folder(tiny_dir, tmp_path):
+    """The README's fixture, bench's defaults (both engines; no --out): the torch engine has no checkpoint, so it is
+    skipped with the reason, phi3v-ort runs, and the results go to the data folder, not the current one."""
+    package = tmp_path / "tiny-int4-cpu"  # a copy: no checkpoint beside it, whatever the fixture's folder holds
+    shutil.copytree(tiny_dir, package)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "PYTHONWARNINGS": "default"}
+    result = subprocess.run([sys.executable, "-m", "phi3v_ort", "bench", "--model-dir", str(package), "--scenarios",
+                             "text", "--reps", "1", "--warmup", "0", "--max-new-tokens", "2", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == [str(out) + ".json", str(out) + ".md"]
-    assert "No chart: it compares the two engines" in result.stderr
-    data = json.loads(out.with_suffix(".json").read_text())
+    assert result.stderr.startswith("Skipped: the torch engine needs a transformers checkpoint")
+    files = [Path(f) for f in result.stdout.split()]
+    assert [f.name for f in files] == ["bench.json", "bench.md"]
+    assert files[0].parent.parent == tmp_path / "data" / "phi3v-ort" / "bench" and all(f.is_file() for f in files)
+    assert not list(cwd.iterdir())
+    assert "No chart: it compares phi3v-ort with the transformers reference, and only phi3v-ort ran." \
+        in result.stderr and "matplotlib" not in result.stderr
+    assert "Warning" not in result.stderr
+    data = json.loads(files[0].read_text())
     assert [e["label"] for e in data["engines"]] == ["phi3v-ort"] and "error" not in data["engines"][0]
 
 

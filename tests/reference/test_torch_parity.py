@@ -257,3 +257,27 @@ def test_loader_lists_missing_and_unexpected_keys(built, tmp_path):
     message = str(err.value)
     assert "2 missing key(s)" in message and "model.vision_embed_tokens.glb_GN" in message
     assert "1 unexpected key(s)" in message and "vision_model.sub_GN" in message
+
+
+def test_the_reference_and_the_bench_engine_leave_no_deprecation_notes(built, reference, capfd):
+    """Both pass and keep their KV cache under the name the installed transformers uses (5.25 renamed
+    `past_key_values` to `cache`, with a FutureWarning and a logged note for the old name): nothing of it may
+    reach `phi3v-ort bench`'s output."""
+    import logging
+    import warnings
+
+    import torch
+
+    from phi3v_ort.bench.engines import TorchEngine
+
+    logging.Logger.warning_once.cache_clear()  # transformers says each note once per process
+    ids = np.array([[1, 450, 1967, 338, 263]], dtype=np.int64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = reference.greedy_steps(torch.from_numpy(ids), max_new_tokens=4, ignore_eos=True).tokens
+        engine = TorchEngine(str(built.with_name(built.name + ".checkpoint")), "cpu", threads=1)
+        timed = engine.generate({"input_ids": ids}, 4, 0.0)
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
+    assert "deprecated" not in capfd.readouterr().err
+    assert timed["token_ids"] == tokens  # the same cache handling on both paths
