@@ -164,6 +164,24 @@ def tiny_dir() -> Path:
     return FIXTURE
 
 
+def fixed_crop_twin(package: Path, out: Path, slots: int = 17) -> Path:
+    """A copy of `package` whose vision model declares a fixed crop axis of `slots` (as this project's exports did
+    before the axis became dynamic, and as other exports may): the same graph and weights, fed all 17 slots."""
+    pytest.importorskip("onnx", reason="declaring the crop axis needs the build extra's onnx")
+    from phi3v_ort.export.crop_axis import declare_crop_slots
+    from phi3v_ort.package.loading import read_package
+
+    shutil.copytree(package, out)
+    declare_crop_slots(out / read_package(out).files.vision, slots)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fixed17_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The committed fixture with its vision input declared as a fixed 17 crop slots."""
+    return fixed_crop_twin(tiny_dir, tmp_path_factory.mktemp("fixed17") / "tiny-int4-cpu-fixed17")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     import onnxruntime_genai as og

@@ -374,12 +374,24 @@ def images_by_size():
     return {size: structured(*size, seed=sum(size)) for size in SIZES}
 
 
+@pytest.fixture(scope="module")
+def fixed17_builder(tiny_fixed17_dir):
+    from phi3v_ort.package.loading import open_inputs, read_package
+
+    return open_inputs(read_package(tiny_fixed17_dir))
+
+
+@pytest.mark.parametrize("axis", ["dynamic", "fixed-17"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_crop_budget(images_by_size, builder, size):
+def test_crop_budget(images_by_size, builder, fixed17_builder, size, axis):
+    """A dynamic crop axis (the committed fixture's, the release's) gets the crops the image uses; a fixed one
+    (older exports) gets all 17, the unused ones zero."""
     from phi3v_ort.inputs.prompt import build_prompt as bp
 
     img = images_by_size[size]
-    assert builder.crop_slots == contract.PIXEL_CROPS
+    if axis == "fixed-17":
+        builder = fixed17_builder
+    assert builder.crop_slots == (contract.PIXEL_CROPS if axis == "fixed-17" else None)
     for n in BUDGETS:
         prepared = prepare_image(img, n)
         h, w = prepared.size
@@ -388,7 +400,8 @@ def test_crop_budget(images_by_size, builder, size):
         assert prepared.size == contract.hd_size(*size, n), n
         assert len(prepared.crops) == 1 + rows * cols and rows * cols <= n, n
         inputs = builder.build(bp("hi", 1), [prepared])
-        assert inputs.pixel_values.shape == (1, contract.PIXEL_CROPS, 3, S, S)
+        slots = contract.PIXEL_CROPS if axis == "fixed-17" else 1 + rows * cols
+        assert inputs.pixel_values.shape == (1, slots, 3, S, S)
         assert inputs.pixel_values.dtype == builder.pixel_dtype
         assert np.array_equal(inputs.pixel_values[0, : len(prepared.crops)], prepared.crops)
         assert not inputs.pixel_values[0, len(prepared.crops):].any()
@@ -487,16 +500,19 @@ def test_prepare_json_fields(tiny_dir, chart, fixture_tokenizer):
     assert shown["prompt_tokens"] == len(shown["input_ids"]) and shown["input_ids"].count(-1) == expected_tokens
 
 
-def test_prepare_save_pixels_and_crops(tiny_dir, chart, tmp_path, builder):
+@pytest.mark.parametrize("axis", ["dynamic", "fixed-17"])
+def test_prepare_save_pixels_and_crops(tiny_dir, tiny_fixed17_dir, chart, tmp_path, builder, axis):
     out = tmp_path / "pixels.npy"
+    tiny_dir = tiny_fixed17_dir if axis == "fixed-17" else tiny_dir
     result = cli("prepare", "--model-dir", tiny_dir, "--json", "-i", chart, "--crops", 4, "--save-pixels", out, "hi")
     assert result.exit_code == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["num_image_tokens"] == [contract.image_tokens_for(640, 400, 4)]
     assert shown["image_sizes"] == [list(contract.hd_size(640, 400, 4))]
     pixels = np.load(out)
-    assert pixels.shape == (1, contract.PIXEL_CROPS, 3, S, S) and pixels.dtype == builder.pixel_dtype
     used = 1 + (shown["image_sizes"][0][0] // S) * (shown["image_sizes"][0][1] // S)
+    slots = contract.PIXEL_CROPS if axis == "fixed-17" else used
+    assert pixels.shape == (1, slots, 3, S, S) and pixels.dtype == builder.pixel_dtype
     with Image.open(chart) as img:
         assert np.array_equal(pixels[0, :used], prepare_image(img.convert("RGB"), 4).crops)
     assert not pixels[0, used:].any()

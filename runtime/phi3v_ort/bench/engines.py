@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3v_ort.bench.common import rss_bytes
+from phi3v_ort.package import contract
 
 
 def _decoder_bytes(model_dir: Path) -> int:
@@ -49,39 +50,62 @@ class OrtEngine:
         self._vision = None
 
     def generate(self, question: str, images: list[bytes], max_new_tokens: int) -> dict:
+        """One request through the runtime's stream, then (outside its clock) the vision model alone on the same
+        pixel_values: og runs vision, embedding and prefill in one call, so the split is measured beside it."""
         import io
 
-        from phi3v_ort.engine.generation import Finished, stream
+        from phi3v_ort.engine.generation import Finished, prepare, stream_prepared
         from phi3v_ort.inputs.images import load_image
         from phi3v_ort.engine.settings import GenerationSettings
 
         t0 = time.perf_counter()
         loaded = [load_image("-", stdin=io.BytesIO(b)) for b in images]
         settings = GenerationSettings(max_new_tokens=max_new_tokens, ignore_eos=True)
+        prepared = prepare(self.model, question, loaded, processor=self.processor, crops=self.crops)
         done = None
-        for event in stream(self.model, question, loaded, settings, processor=self.processor, crops=self.crops):
+        for event in stream_prepared(self.model, prepared, settings):
             if isinstance(event, Finished):
                 done = event
         e2e = time.perf_counter() - t0
         s = done.stats
+        vision = (self.vision_seconds(prepared.pixel_values, prepared.image_sizes)
+                  if prepared.pixel_values is not None else 0.0)
         return {"preprocess_s": s.preprocess_s, "ttft_s": s.time_to_first_token_s, "prefill_s": s.prefill_s,
                 "prompt_tokens": s.prompt_tokens, "prefill_tps": s.prefill_tokens_per_s,
                 "decode_tps": s.decode_tokens_per_s, "generated": s.generated_tokens, "e2e_s": e2e,
+                **split_prefill(s.prefill_s, vision, s.prompt_tokens),
+                "crop_slots": int(prepared.pixel_values.shape[1]) if prepared.pixel_values is not None else 0,
                 "token_ids": list(done.token_ids)}
 
+    def vision_slots(self, used: int) -> int:
+        """Crop slots the runtime feeds for an image that uses `used` (see InputBuilder.slots_for)."""
+        return self.model.builder.slots_for(used)
+
     def vision_seconds(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> float:
-        """The vision model alone, through onnxruntime with the same provider."""
+        """The vision model alone, through onnxruntime with the same provider and intra-op threads as og's."""
         import onnxruntime as ort
 
         if self._vision is None:
             providers = ["CUDAExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+            options = ort.SessionOptions()
+            if self.threads:
+                options.intra_op_num_threads = self.threads
             self._vision = ort.InferenceSession(str(self.model.info.path / self.model.info.files.vision),
-                                                providers=providers)
+                                                options, providers=providers)
             self._vision_dtype = np.float16 if "float16" in self._vision.get_inputs()[0].type else np.float32
         t0 = time.perf_counter()
         self._vision.run(None, {"pixel_values": pixel_values.astype(self._vision_dtype),
                                 "image_sizes": image_sizes.astype(np.int64)})
         return time.perf_counter() - t0
+
+
+def split_prefill(prefill_s: float, vision_s: float, prompt_tokens: int) -> dict:
+    """The prompt's time in parts: `vision_s` (the vision model alone, timed beside the request), the rest
+    (embedding + decoder prefill + first token) and the prompt's tokens per second over that rest: the decoder's
+    prefill speed, which `prefill_tps` (over vision + prefill) is not for an image prompt."""
+    rest = max(prefill_s - vision_s, 0.0)
+    return {"vision_s": vision_s, "vision_embedding_prefill_s": prefill_s, "prefill_without_vision_s": rest,
+            "prefill_without_vision_tps": prompt_tokens / rest if rest > 0 else 0.0}
 
 
 class TorchEngine:
@@ -128,6 +152,8 @@ class TorchEngine:
                 pv = torch.from_numpy(inputs["pixel_values"]).to(self.device, self.dtype)
                 sizes = torch.from_numpy(inputs["image_sizes"].astype(np.int64)).to(self.device)
                 feats = self.ref.image_features(pv, sizes)
+                self._sync()
+            t_vision = time.perf_counter()
             embeds = self.ref.embed(ids, feats)
             cache = DynamicCache(config=self.ref.decoder.config)  # grows in place (see cache_argument)
             out = self.ref.decoder(inputs_embeds=embeds, use_cache=True, **self.ref.cache_argument(cache))
@@ -145,7 +171,12 @@ class TorchEngine:
         return {"preprocess_s": preprocess_s, "ttft_s": preprocess_s + prefill, "prefill_s": prefill,
                 "prompt_tokens": int(n), "prefill_tps": n / prefill, "generated": len(tokens),
                 "decode_tps": (len(tokens) - 1) / decode if decode > 0 else 0.0,
-                "e2e_s": preprocess_s + prefill + decode, "token_ids": tokens}
+                "e2e_s": preprocess_s + prefill + decode, **split_prefill(prefill, t_vision - t0, int(n)),
+                "token_ids": tokens}
+
+    def vision_slots(self, used: int) -> int:
+        """All 17: the reference processor pads every image to num_crops + 1 and the module runs them all."""
+        return contract.PIXEL_CROPS
 
     def vision_seconds(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> float:
         torch = self.torch

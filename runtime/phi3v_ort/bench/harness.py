@@ -100,7 +100,7 @@ def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
             times.append(p.preprocess_s)
         arrays = {"input_ids": np.asarray(p.input_ids).astype(np.int64)}
         if scenario.images:
-            arrays["pixel_values"] = np.asarray(p.pixel_values).astype(np.float32)
+            arrays["pixel_values"] = reference_padding(np.asarray(p.pixel_values).astype(np.float32), cfg.crops)
             arrays["image_sizes"] = np.asarray(p.image_sizes).astype(np.int64)
         npz = workdir / f"{name}.npz"
         np.savez(npz, **arrays)
@@ -108,6 +108,18 @@ def prepare_inputs(cfg: BenchConfig, workdir: Path) -> dict:
                           "image_tokens": list(p.image_tokens)}
     del model
     return prepared
+
+
+def reference_padding(pixel_values: np.ndarray, crops: int | None) -> np.ndarray:
+    """pixel_values as the reference processor gives them: every image padded with zero crops to num_crops + 1
+    slots (phi3v-ort feeds fewer to a vision model whose crop axis is dynamic; the reference runs them all)."""
+    from phi3v_ort.package import contract
+
+    slots = (crops or contract.MAX_CROPS) + 1
+    if pixel_values.shape[1] >= slots:
+        return pixel_values
+    pad = np.zeros((pixel_values.shape[0], slots - pixel_values.shape[1], *pixel_values.shape[2:]), pixel_values.dtype)
+    return np.concatenate([pixel_values, pad], axis=1)
 
 
 def engine_runs(cfg: BenchConfig) -> list[dict]:

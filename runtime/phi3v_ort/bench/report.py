@@ -13,6 +13,18 @@ def _mib(x) -> str:
     return f"{x / 2**20:,.0f} MiB" if x else "n/a"
 
 
+def vision_cell(m: dict) -> str:
+    return _ms(m["vision_s"]["median"]) if "vision_s" in m else "n/a"
+
+
+def prefill_cell(m: dict) -> str:
+    """The decoder's prefill speed where the vision time was measured apart; else the old figure, marked as
+    including the vision model (results written before vision_s existed)."""
+    if "prefill_without_vision_tps" in m:
+        return f"{m['prefill_without_vision_tps']['median']:.0f}"
+    return f"{m['prefill_tps']['median']:.0f} (incl. vision)"
+
+
 def markdown(r: dict) -> str:
     """The whole report: settings, engines, generation, ratios, the vision sweep, workloads, the decode limit."""
     engines = [e for e in r["engines"] if "error" not in e]
@@ -48,8 +60,8 @@ def _header(r: dict, engines: list[dict]) -> list[str]:
 def _generation(r: dict, engines: list[dict]) -> list[str]:
     lines: list[str] = []
     lines += ["", "## Generation (median, p90 in brackets)", "",
-              "| scenario | engine | prompt tokens | preprocess ms | time to first token ms | prefill tok/s | "
-              "decode tok/s | end to end s |", "|---|---|---|---|---|---|---|---|"]
+              "| scenario | engine | prompt tokens | preprocess ms | time to first token ms | vision ms (alone) | "
+              "prefill tok/s (vision excluded) | decode tok/s | end to end s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, prep in r.get("prepared", {}).items():
         for e in engines:
             sc = e["scenarios"].get(name)
@@ -57,7 +69,8 @@ def _generation(r: dict, engines: list[dict]) -> list[str]:
                 continue
             m = sc["metrics"]
             lines.append(f"| {name} | {e['label']} | {prep['prompt_tokens']} | {_ms(m['preprocess_s']['median'])} | "
-                         f"{_ms(m['ttft_s']['median'])} ({_ms(m['ttft_s']['p90'])}) | {m['prefill_tps']['median']:.0f} | "
+                         f"{_ms(m['ttft_s']['median'])} ({_ms(m['ttft_s']['p90'])}) | {vision_cell(m)} | "
+                         f"{prefill_cell(m)} | "
                          f"{m['decode_tps']['median']:.1f} ({m['decode_tps']['p90']:.1f}) | {m['e2e_s']['median']:.2f} |")
 
     return lines
@@ -83,12 +96,13 @@ def _vision_sweep(engines: list[dict]) -> list[str]:
     sweep = [e for e in engines if "vision-sweep" in e["scenarios"]]
     if sweep:
         crops = list(sweep[0]["scenarios"]["vision-sweep"]["crops"])
-        lines += ["", "## Vision model alone, by crop count (ms, median; all 17 crops are computed, the layout "
-                  "picks the used ones)", "", "| crops | " + " | ".join(e["label"] for e in sweep) + " |",
+        lines += ["", "## Vision model alone, by crop count (ms, median; [slots fed]: every slot is computed, the "
+                  "layout picks the used ones)", "", "| crops | " + " | ".join(e["label"] for e in sweep) + " |",
                   "|---|" + "---|" * len(sweep)]
         for c in crops:
-            lines.append(f"| {c} | " + " | ".join(_ms(e["scenarios"]["vision-sweep"]["crops"][c]["median"])
-                                                  for e in sweep) + " |")
+            cells = [e["scenarios"]["vision-sweep"]["crops"][c] for e in sweep]
+            lines.append(f"| {c} | " + " | ".join(_ms(x["median"]) + (f" [{x['slots']}]" if "slots" in x else "")
+                                                  for x in cells) + " |")
 
     return lines
 

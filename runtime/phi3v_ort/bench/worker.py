@@ -49,13 +49,18 @@ def run_generate(engine, scenario, cfg: dict) -> dict:
 
 
 def run_vision_sweep(engine, cfg: dict) -> dict:
+    """The vision model alone on one image of 1..16 crops, fed the crop slots the engine's pipeline would feed:
+    phi3v-ort all of a fixed crop axis or the 1 + crops used of a dynamic one; the reference all 17, as the
+    reference processor pads them."""
     rng = np.random.default_rng(0)
     pixel_values = rng.normal(size=(1, 17, 3, 336, 336)).astype(np.float32)
     rows = {}
     for r, c in SWEEP_GRIDS:
         sizes = np.array([[r * 336, c * 336]], dtype=np.int64)
-        times = _repeat(lambda: engine.vision_seconds(pixel_values, sizes), cfg["warmup"], cfg["reps"])
-        rows[str(r * c)] = summarize(times)
+        slots = engine.vision_slots(1 + r * c)
+        fed = np.ascontiguousarray(pixel_values[:, :slots])
+        times = _repeat(lambda: engine.vision_seconds(fed, sizes), cfg["warmup"], cfg["reps"])
+        rows[str(r * c)] = {**summarize(times), "slots": slots}
     return {"crops": rows}
 
 
@@ -157,7 +162,7 @@ def main(config_path: str, result_path: str) -> None:
         engine = TorchEngine(cfg["checkpoint"], cfg["device"], cfg.get("dtype", "fp32"), cfg.get("attn", "eager"),
                              cfg.get("threads"))
     result = {"engine": engine.name, "label": cfg["label"], "precision": engine.precision, "device": engine.device,
-              "load_s": engine.load_s, "weight_bytes": engine.weight_bytes, "threads": engine.threads,
+              "load_s": engine.load_s, "warm": False, "weight_bytes": engine.weight_bytes, "threads": engine.threads,
               "scenarios": {}}
     for name in cfg["scenarios"]:
         scenario = SCENARIOS[name]

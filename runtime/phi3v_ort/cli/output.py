@@ -26,12 +26,13 @@ def prefill_interruptible():
 
 
 def format_stats(stats) -> str:
+    from phi3v_ort.engine.events import prompt_time
+
     images = ", ".join(str(n) for n in stats.image_tokens) or "none"
     return "\n".join([
         f"prompt tokens      {stats.prompt_tokens} (image tokens: {images})",
         f"preprocessing      {stats.preprocess_s * 1000:.1f} ms",
-        f"time to 1st token  {stats.time_to_first_token_s * 1000:.1f} ms "
-        f"(prefill {stats.prefill_tokens_per_s:.1f} tokens/s)",
+        f"time to 1st token  {stats.time_to_first_token_s * 1000:.1f} ms ({prompt_time(stats)})",
         f"decode             {stats.decode_tokens_per_s:.1f} tokens/s",
         f"generated          {stats.generated_tokens} tokens, finish reason: {stats.finish_reason}",
         f"KV cache           {stats.kv_cache_bytes / 2**20:.1f} MiB for max_length {stats.max_length} "

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from phi3v_ort.errors import ContextTooLong  # defined with the other errors; importable here as before
-from phi3v_ort.engine.generation import DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens
+from phi3v_ort.engine.generation import (DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens,
+                                         model_timings)
 from phi3v_ort.engine.guidance import GuidanceFailed
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, make_pipeline
@@ -241,7 +242,7 @@ class Conversation:
             generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
             max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=self.model.cuda_graph,
             kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
-            kv_reused=kv_reused, reprefill_reason=reason)
+            kv_reused=kv_reused, reprefill_reason=reason, **model_timings(self.model, prefill_s))
         self.last_stats = stats
         yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
 

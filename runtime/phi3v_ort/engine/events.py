@@ -32,8 +32,11 @@ class GenerationStats:
     device: str
     kv_reused: bool = False  # a conversation turn that continued the kept generator
     reprefill_reason: str | None = None  # why a conversation turn started a fresh generator instead
-    load_s: float | None = None  # the model's load time, when the caller measured it (a server: its own load)
-    warm: bool = False  # the model was already loaded (a running server answered)
+    load_s: float | None = None  # the model's load time (in-process: load_model's; a server: its own load)
+    warm: bool = False  # the model was already loaded (a running server answered; False in-process)
+    # = prefill_s, under a name that says what it holds: og runs the vision model (with images), the embedding and
+    # the decoder's prefill (and the first token) in one call, so they cannot be timed apart in-process
+    vision_embedding_prefill_s: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,3 +57,13 @@ class Finished:
     token_ids: tuple[int, ...]
     prompt: str
     stats: GenerationStats
+
+
+def prompt_time(stats: GenerationStats) -> str:
+    """The time to first token's parts in words (for --stats). og runs the vision model, the embedding and the
+    decoder's prefill in one call, so an image prompt's tokens per second would be no decoder speed: only a text
+    prompt's is shown."""
+    prompt = f"{stats.vision_embedding_prefill_s * 1000:.1f} ms"
+    if stats.image_tokens:
+        return f"preprocessing {stats.preprocess_s * 1000:.1f} ms + vision, embedding and prefill {prompt}"
+    return f"embedding and prefill {prompt}, {stats.prefill_tokens_per_s:.1f} tokens/s"

@@ -6,8 +6,14 @@ ends with one `Finished` carrying the whole answer and its `GenerationStats`. `g
 Timing boundaries (the same ones the benchmarks use):
 - preprocess_s: image loading (Pillow) + input preparation (the runtime's pipeline, or og's processor);
 - prefill_s: set_inputs + the first generate_next_token (vision model, embedding, decoder prefill, first token);
+  og runs all three inside those calls, so they cannot be told apart here: the stats also carry this time as
+  `vision_embedding_prefill_s`, a name that says what it holds, and `prefill_tokens_per_s` (the prompt's tokens
+  over that time) is no decoder speed for an image prompt. `phi3v-ort bench` runs the vision model alone to
+  report the vision time separately;
 - time_to_first_token_s = preprocess_s + prefill_s;
-- decode: every later token, from the first token to the last.
+- decode: every later token, from the first token to the last;
+- load_s: how long loading the model took (once per process, not part of any request), and `warm`: whether the
+  model was already loaded when the request came (False in-process: the command loaded it).
 """
 
 from __future__ import annotations
@@ -75,9 +81,14 @@ def stream_prepared(model: LoadedModel, prepared: ModelInputs,
         decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
         generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
         max_length=kv.max_length, share_buffer=kv.share_buffer, cuda_graph=model.cuda_graph,
-        kv_cache_bytes=kv.bytes, device=model.device,
+        kv_cache_bytes=kv.bytes, device=model.device, **model_timings(model, prefill_s),
     )
     yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prepared.prompt, stats=stats)
+
+
+def model_timings(model: LoadedModel, prefill_s: float) -> dict:
+    """The GenerationStats fields about the model rather than the request, and the prompt's time by its name."""
+    return {"vision_embedding_prefill_s": prefill_s, "load_s": model.load_s, "warm": model.warm}
 
 
 @dataclass

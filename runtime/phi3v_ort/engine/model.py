@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,20 @@ from phi3v_ort.package.device import preload_cuda_libraries, resolve_device
 from phi3v_ort.package.loading import PackageInfo, default_threads, open_inputs, read_package
 
 
-def thread_overlay(threads: int) -> str:
-    """og's config overlay setting intra_op_num_threads for the vision, embedding and decoder sessions."""
-    options = {"session_options": {"intra_op_num_threads": int(threads)}}
+# Whether onnxruntime's intra-op threads spin while they wait for work (og passes the flat session-config key
+# through: see the release contract). Off: measured on `small`, 2 threads, 2 shared cores
+# (benchmarks/results/thread-spinning-cpu-small.md, spinning off over on): decode 1.48x the tokens/s with the
+# machine's usual load and 2.38x with a CPU hog beside it, a text prefill 4-7 % slower, an image's time to first
+# token the same (1.01x) or 20 % shorter (busy). Spinning threads burn the cores a neighbour (or the sibling
+# thread) needs; the little they save on a quiet machine is the prefill's few per cent.
+ALLOW_SPINNING = False
+
+
+def thread_overlay(threads: int, spinning: bool = ALLOW_SPINNING) -> str:
+    """og's config overlay setting intra_op_num_threads and intra-op spinning for the vision, embedding and
+    decoder sessions."""
+    options = {"session_options": {"intra_op_num_threads": int(threads),
+                                   "session.intra_op.allow_spinning": "1" if spinning else "0"}}
     return json.dumps({"model": {"decoder": options, "embedding": options, "vision": options}})
 
 
@@ -32,6 +44,8 @@ class LoadedModel:
     processor: object
     builder: InputBuilder
     threads: int | None = None  # intra-op threads per session on the CPU (None: og's own default)
+    load_s: float | None = None  # how long load_model took (og's model, tokenizer and processor)
+    warm: bool = False  # loaded before the request that is being answered (a running server's model)
 
     @property
     def cuda_graph(self) -> bool:
@@ -39,11 +53,13 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = KVCachePolicy(),
-               threads: int | None = None) -> LoadedModel:
+               threads: int | None = None, spinning: bool | None = None) -> LoadedModel:
     """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy and,
-    on the CPU, `threads` intra-op threads per session (default: default_threads())."""
+    on the CPU, `threads` intra-op threads per session (default: default_threads()) that spin while they wait
+    or not (default: ALLOW_SPINNING)."""
     import onnxruntime_genai as og
 
+    started = time.perf_counter()
     info = read_package(path)
     builder = open_inputs(info)
     resolved = resolve_device(device)
@@ -54,7 +70,7 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
     threads = (threads or default_threads()) if resolved == "cpu" else threads
     config = og.Config(str(info.path))
     if threads:
-        config.overlay(thread_overlay(threads))
+        config.overlay(thread_overlay(threads, ALLOW_SPINNING if spinning is None else spinning))
     config.clear_providers()
     if resolved == "cuda":
         config.append_provider("cuda")
@@ -67,4 +83,5 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
         raise Phi3vError(f"onnxruntime-genai could not load {info.path} on {resolved}: "
                          f"{str(exc).strip().splitlines()[0]}") from None
     return LoadedModel(info=info, device=resolved, policy=policy, og_model=model, tokenizer=tokenizer,
-                       processor=processor, builder=builder, threads=threads)
+                       processor=processor, builder=builder, threads=threads,
+                       load_s=time.perf_counter() - started)

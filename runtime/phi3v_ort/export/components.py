@@ -14,6 +14,7 @@ from phi3v_ort.reference.modules import Phi3VImageEmbedding, Phi3VTextEmbedding
 from phi3v_ort.reference.model import construction, vision_targets
 from phi3v_ort.reference.names import EMBED_TOKENS
 from phi3v_ort.export.checkpoint import Checkpoint
+from phi3v_ort.export.crop_axis import PIXEL_VALUES_AXES
 
 OPSET = 17
 
@@ -69,9 +70,8 @@ def save_onnx(model_proto, path: Path) -> None:
 
 
 def _export(module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_axes: dict, fixed_dims: dict[str, dict[int, int]] | None = None) -> None:
-    """torch.onnx.export, then `fixed_dims` ({input: {axis: size}}) written into the declared input shapes: the
-    trace runs on a small example with those axes dynamic, the graph says what the release says."""
+            dynamic_axes: dict) -> None:
+    """torch.onnx.export on a small example with `dynamic_axes`, saved with its weights beside it."""
     import onnx
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
@@ -83,19 +83,17 @@ def _export(module, args: tuple, path: Path, input_names: list[str], output_name
             torch.onnx.export(module, args, str(tmp_path), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        model = onnx.load(str(tmp_path))
-        for graph_input in model.graph.input:
-            for axis, size in (fixed_dims or {}).get(graph_input.name, {}).items():
-                dim = graph_input.type.tensor_type.shape.dim[axis]
-                dim.Clear()
-                dim.dim_value = size
-        save_onnx(model, path)
+        save_onnx(onnx.load(str(tmp_path)), path)
 
 
 def export_vision(image: Phi3VImageEmbedding, path: Path, float16: bool) -> None:
-    """The vision model: pixel_values [num_images, 17, 3, 336, 336] as the release declares it. The trace runs on
-    one image of two crops (the 17 crop slots would cost 17 CLIP forwards: 15 s on `small`, minutes on the full
-    model) with the crop axis dynamic; nothing in the module depends on the slot count but its shape arithmetic."""
+    """The vision model: pixel_values [num_images, max_num_crops, 3, height, width], the crop axis dynamic as in
+    the release (crop_axis.py).
+
+    The trace runs on one image of two crops (17 crop slots would cost 17 CLIP forwards: 15 s on `small`, minutes
+    on the full model); nothing in the module depends on the slot count but its shape arithmetic, which the
+    tracer records as shape operations: tests/export/test_vision_crop_axis.py runs the exported graph against
+    the torch module with every slot count."""
     module = image.half() if float16 else image
     dtype = torch.float16 if float16 else torch.float32
     pixel_values = torch.randn(1, 2, 3, contract.CROP_SIZE, contract.CROP_SIZE, dtype=dtype)
@@ -103,9 +101,8 @@ def export_vision(image: Phi3VImageEmbedding, path: Path, float16: bool) -> None
     names = contract.VISION_INPUTS
     out = contract.VISION_OUTPUTS["image_features"]
     _export(module, (pixel_values, image_sizes), path, [names["pixel_values"], names["image_sizes"]], [out],
-            {names["pixel_values"]: {0: "num_images", 1: "num_crops"}, names["image_sizes"]: {0: "num_images"},
-             out: {0: "num_image_tokens"}},
-            fixed_dims={names["pixel_values"]: {1: contract.PIXEL_CROPS}})
+            {names["pixel_values"]: PIXEL_VALUES_AXES, names["image_sizes"]: {0: "num_images"},
+             out: {0: "num_image_tokens"}})
 
 
 def export_embedding(text: Phi3VTextEmbedding, path: Path, float16: bool) -> None:

@@ -5,8 +5,10 @@ og 0.18 takes generator inputs built in Python: `input_ids` int32 [1, n] (image 
 [num_images, 2] and `num_image_tokens` int64 [1, num_images]; for equal arrays its greedy tokens equal its own
 processor's (tests/inputs/test_inputs.py). The runtime's pipeline (tokens.py + pixels.py) builds them to the reference
 processor's exact behaviour, with a crop budget, safe prompts, any image format, and all its work in Pillow and
-numpy. C is read from the vision model's `pixel_values` input (17 in the release, whatever
-the crop budget: unused crops are zero), never hard-coded.
+numpy. C is read from the vision model's `pixel_values` input, never hard-coded: a fixed C (17 in older exports)
+is padded with zero crops whatever the crop budget; a dynamic crop axis (the release's, and this project's exports)
+gets only the slots the request uses, the largest 1 + rows * cols over its images, so the vision model runs
+only those crops (the features and tokens equal a 17-slot run's: tests/inputs/test_crop_slots.py).
 
 Everything here works from the package folder alone, without loading a model: the server and the batch runner
 prepare requests in one process and generate in another.
@@ -71,19 +73,26 @@ class InputBuilder:
         self.tokenizer = PromptTokenizer(folder)
         spec = read_input_spec(folder / vision_file, "pixel_values")
         self.pixel_dtype = spec.dtype
-        # a fixed crop dimension is what the vision model was exported with (17 in the release); a symbolic one
-        # takes what the reference pads to, num_crops + 1
+        # a fixed crop dimension is what the vision model was exported with (17 in older exports); None: dynamic
         self.crop_slots = spec.shape[1] if len(spec.shape) == 5 and isinstance(spec.shape[1], int) else None
 
-    def slots(self, num_crops: int) -> int:
-        return self.crop_slots if self.crop_slots is not None else num_crops + 1
+    @property
+    def crop_axis(self) -> str:
+        """The vision input's crop axis in words (for `phi3v-ort info`)."""
+        return str(self.crop_slots) if self.crop_slots is not None else "crops used"
+
+    def slots_for(self, used: int) -> int:
+        """Crop slots to feed when the request's largest image uses `used` (1 + rows * cols): all of a fixed axis,
+        just those of a dynamic one (CLIP runs on every slot, padding included: 2 slots instead of 17 cut the
+        vision model's time 5.9x on `small`, benchmarks/results/crop-slots-cpu-small.md)."""
+        return self.crop_slots if self.crop_slots is not None else used
 
     def check_crops(self, num_crops: int) -> None:
         if not 1 <= num_crops <= contract.MAX_CROPS:
             raise SettingError(f"the crop budget must be 1 to {contract.MAX_CROPS}, got {num_crops}")
-        if num_crops + 1 > self.slots(num_crops):
-            raise SettingError(f"this package's vision model takes {self.slots(num_crops)} crops per image, so the "
-                               f"crop budget can be at most {self.slots(num_crops) - 1}")
+        if self.crop_slots is not None and num_crops + 1 > self.crop_slots:
+            raise SettingError(f"this package's vision model takes {self.crop_slots} crops per image, so the "
+                               f"crop budget can be at most {self.crop_slots - 1}")
 
     def prepare_image(self, image, num_crops: int = contract.MAX_CROPS) -> PreparedImage:
         """An ImageInput -> its crops (the expensive part; runs in any thread or process)."""
@@ -96,7 +105,7 @@ class InputBuilder:
         ids = self.tokenizer.encode(segments, [img.tokens for img in images])[None, :]
         if not images:
             return ModelInputs(render(segments), ids, None, None, None, time.perf_counter() - started)
-        slots = max(self.slots(img.num_crops) for img in images)
+        slots = self.slots_for(max(len(img.crops) for img in images))
         pixels = np.empty((len(images), slots, 3, contract.CROP_SIZE, contract.CROP_SIZE), dtype=self.pixel_dtype)
         for k, img in enumerate(images):
             if len(img.crops) > slots:

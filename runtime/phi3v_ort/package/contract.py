@@ -15,7 +15,9 @@ CROP_SIZE = 336
 MAX_CROPS = 16  # the release's num_crops, and the most a request may ask for
 TOKENS_PER_CROP = 144  # (336 / 14 / 2) ** 2: 24x24 patches merged 2x2
 NEWLINE_TOKENS_PER_ROW = 12  # one separator after each of the 12 token rows of a crop row
-PIXEL_CROPS = MAX_CROPS + 1  # pixel_values always carry 17 crops: the global one, then up to 16 sub-crops
+# crop slots of og's processor (always) and of a vision model exported with a fixed crop axis: the global crop,
+# then up to 16 sub-crops; a dynamic crop axis (the release's) takes only the slots a request uses
+PIXEL_CROPS = MAX_CROPS + 1
 
 
 def hd_scale(width: int, height: int, num_crops: int = MAX_CROPS) -> tuple[int, int]:

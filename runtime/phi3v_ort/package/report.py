@@ -51,7 +51,7 @@ def info_lines(model: str | None, model_dir: str | None, device: str, threads: i
         f"built for        {i.built_for} ({i.io_dtype} I/O)",
         f"loaded on        {loaded.device} (onnxruntime-genai reports {loaded.og_model.device_type})"
         + (f", {loaded.threads} intra-op thread(s) per session" if loaded.threads else ""),
-        f"vision input     pixel_values [num_images, {loaded.builder.crop_slots or 'num_crops + 1'}, 3, 336, 336] "
+        f"vision input     pixel_values [num_images, {loaded.builder.crop_axis}, 3, 336, 336] "
         f"{loaded.builder.pixel_dtype.__name__}",
         f"decoder          {i.num_layers} layers, hidden {i.hidden_size}, {i.num_heads} heads of {i.head_size}, "
         f"{i.num_kv_heads} KV heads",
