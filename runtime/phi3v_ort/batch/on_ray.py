@@ -57,7 +57,8 @@ TASK_RETRIES = 3  # a block whose actor died (native crash, OOM kill) runs again
 # --- the row format in Arrow: the local batch's result lines, one fixed schema ---------------------------------------
 
 _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string(),
-                "str | None": pa.string(), "tuple[int, ...]": pa.list_(pa.int64())}
+                "str | None": pa.string(), "float | None": pa.float64(), "int | None": pa.int64(),
+                "tuple[int, ...]": pa.list_(pa.int64())}
 STATS = pa.struct([(f.name, _ARROW_TYPES[f.type]) for f in fields(GenerationStats)])
 # every block has this schema, so blocks and Parquet files always agree (an all-error block included).
 # `parsed` (a JSON schema's value, any JSON) is its JSON text here; the JSONL line holds the value itself.
