@@ -54,10 +54,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phi3v_ort.batch import output_lock
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.generation import Finished
 from phi3v_ort.engine.guidance import GuidanceError, outcome
 from phi3v_ort.inputs.images import load_image
+from phi3v_ort.inputs.prompt import check_unicode
 from phi3v_ort.engine.settings import GenerationSettings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -117,6 +119,8 @@ def read_batch(source: str | Path, question: str | None = None) -> BatchInput:
 
     Raises Phi3vError only when the source as a whole cannot be read; bad lines are returned in `.bad`."""
     source = Path(source)
+    if question:
+        check_unicode(question, "--question")
     if source.is_dir():
         if not question:
             raise Phi3vError("a folder of images needs --question")
@@ -184,12 +188,16 @@ def _parse_line(line: str, default_question: str | None):
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)) or not str(raw_id).strip():
         return f"has no usable id ({json.dumps(raw_id)}): an id is a non-empty string or a number"
     item_id = str(raw_id)
+    if _lone_surrogate(item_id):  # it could not be written as the output's UTF-8: reported only
+        return f"has no usable id ({json.dumps(raw_id)}): {_lone_surrogate(item_id)}"
 
     raw_question = row.get("question")
     item_question = None
     problems = []
     if raw_question is not None and not isinstance(raw_question, str):
         problems.append(f"question must be a string, not {_json_type(raw_question)}")
+    elif isinstance(raw_question, str) and _lone_surrogate(raw_question):
+        problems.append(f"the question {_lone_surrogate(raw_question)}")  # (and it is not written back)
     else:
         item_question = raw_question or default_question
         if not item_question:
@@ -203,9 +211,21 @@ def _parse_line(line: str, default_question: str | None):
         problems.append(f"images must be a path/URL or a list of them, not {_json_type(raw_images)}")
     elif not all(isinstance(i, str) and i.strip() for i in raw_images):
         problems.append("images must be a list of non-empty path/URL strings")
+    elif any(_lone_surrogate(i) for i in raw_images):
+        problems.append(f"an image path {next(_lone_surrogate(i) for i in raw_images if _lone_surrogate(i))}")
     else:
         images = tuple(raw_images)
     return item_id, images, item_question, "; ".join(problems) or None
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """What is wrong with a string that holds a lone surrogate (JSON's `\\ud800`: half of an emoji), else None.
+    Such a string cannot be tokenized or written as UTF-8, so its item becomes an error line."""
+    try:
+        check_unicode(text)
+    except Phi3vError as exc:
+        return str(exc).removeprefix("the text ")
+    return None
 
 
 def _json_type(value) -> str:
@@ -301,11 +321,14 @@ def check_output(output: str | Path, source: str | Path | None = None, ids: Iter
     return OutputState()
 
 
-def _rewrite(output: Path, lines: Iterable[bytes]) -> None:
+def rewrite_output(output: Path, lines: Iterable[bytes]) -> None:
     """Replace the output's content crash-safely: a temp file in the same folder, fsync, os.replace, fsync folder."""
     real = Path(os.path.realpath(output))  # a symlinked output stays a symlink
     fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     try:
+        lock = output_lock.held(output)
+        if lock is not None:  # the copy is locked before it takes the output's name
+            lock.adopt(fd)
         with os.fdopen(fd, "wb") as f:
             f.writelines(lines)
             f.flush()
@@ -336,7 +359,12 @@ def fsync_folder(folder: Path) -> None:
 
 def _write_line(out, row: dict) -> None:
     """One result line, durable before the next item starts."""
-    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate that slipped through: JSON's \\ud800 escape keeps it readable
+        text = json.dumps(row)
+    out.write(text + "\n")
     out.flush()
     os.fsync(out.fileno())
 
@@ -405,7 +433,7 @@ def open_output(output: Path, plan: Plan):
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if plan.retry:
-            _rewrite(output, (line for i, _, line in plan.state.lines if i not in plan.retry))
+            rewrite_output(output, (line for i, _, line in plan.state.lines if i not in plan.retry))
         elif plan.state.partial:
             with output.open("r+b") as f:
                 f.truncate(plan.state.complete_bytes)
@@ -424,6 +452,14 @@ def run_batch(pool, pipeline, items: list[Item], output: Path, settings: Generat
     `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
     lines dropped first) unless `retry_errors` is False."""
     output = Path(output)
+    with output_lock.output_lock(output):  # one run per output (the CLI holds it already: re-entrant)
+        return _run_locked(pool, pipeline, items, output, settings, prepare_threads, prefetch, on_progress, bad,
+                           retry_errors)
+
+
+def _run_locked(pool, pipeline, items: list[Item], output: Path, settings: GenerationSettings,
+                prepare_threads: int, prefetch: int, on_progress, bad: Sequence[BadLine],
+                retry_errors: bool) -> Progress:
     plan = plan_run(items, check_output(output, ids=item_ids(items, bad), retry_errors=retry_errors), bad,
                     retry_errors)
     todo, todo_bad, progress = plan.todo, plan.todo_bad, plan.progress

@@ -8,7 +8,7 @@ import click
 
 from phi3v_ort.cli.group import cli
 from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, sampling_options,
-                                   start_workers, threads_option)
+                                   start_workers, threads_option, worker_memory_option)
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError, install_hint
 
@@ -26,6 +26,7 @@ from phi3v_ort.errors import Phi3vError, install_hint
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model worker processes, each with its own model (and its share of the CPU threads).")
 @threads_option
+@worker_memory_option
 @click.option("--prepare-threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads decoding and preparing the next items' images while the workers generate.")
 @click.option("--prefetch", type=click.IntRange(min=0), default=4, show_default=True,
@@ -47,8 +48,9 @@ from phi3v_ort.errors import Phi3vError, install_hint
 @hands_settings
 def batch(source: str, output: str, question: str | None, model: str | None, model_dir: str | None, device: str,
           settings: GenerationSettings, crops: int | None, processor: str, workers: int, threads: int | None,
-          prepare_threads: int, prefetch: int, retry_errors: bool, use_ray: bool, ray_address: str | None,
-          actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float | None) -> None:
+          worker_memory_limit: str | None, prepare_threads: int, prefetch: int, retry_errors: bool, use_ray: bool,
+          ray_address: str | None, actors: int | None, gpus_per_actor: float | None,
+          cpus_per_actor: float | None) -> None:
     """Answer SOURCE (a JSONL file or a folder of images), one JSON line per item in -o OUTPUT.
 
     SOURCE is a JSONL file of {"id", "images", "question"} lines (relative image paths are relative to it), or a
@@ -88,6 +90,9 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
         distributed.check(output, source, ids, retry_errors)
     else:
         check_output(output, source, ids, retry_errors)
+        from phi3v_ort.batch.output_lock import output_lock
+
+        click.get_current_context().with_resource(output_lock(output))  # held until the command ends
     for bad in data.bad:
         click.echo(f"Error: {data.describe(bad)}", err=True)
     if use_ray:
@@ -97,7 +102,7 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
                        retry_errors=retry_errors)
         _batch_summary(p, data, output)
         return
-    pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops)
+    pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops, worker_memory_limit)
     show = sys.stderr.isatty()
 
     def progress(p) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
+import tempfile
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -72,18 +74,55 @@ def _save_history(readline) -> None:
 
 
 def save_transcript(conversation: Conversation, path: str, overwrite: bool = False) -> Path:
-    """Write atomically: a failed write never leaves a half-written file where a good one was."""
+    """Write atomically, and only a regular file: a temp file beside it (created exclusively: never through a
+    planted symlink), fsync, then rename over it. A failed write never leaves a half-written file where a good one
+    was; a device, a FIFO or a symlink to one (`/dev/null`, `/proc/self/fd/1`) is refused, never replaced. A
+    symlink to a regular file stays a symlink: its target is replaced (and keeps its permissions)."""
     target = Path(path).expanduser()
-    if not overwrite and target.exists():
-        raise Phi3vError(f"{target} already exists: /save! {path} replaces it")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    real = _save_target(target, path, overwrite)
+    data = (json.dumps(conversation.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    tmp = None
     try:
-        tmp.write_text(json.dumps(conversation.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(real.stat().st_mode) if real.exists() else 0o666 & ~_umask())
+        os.replace(tmp, real)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise Phi3vError(f"cannot save the transcript to {target}: {exc.strerror or exc}") from None
     return target
+
+
+def _save_target(target: Path, path: str, overwrite: bool) -> Path:
+    """The file /save writes (a symlink's target), or one sentence saying why not."""
+    if target.is_symlink() and not target.exists():
+        raise Phi3vError(f"{target} is a symlink to nothing: give a file name")
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise Phi3vError(f"{target} already exists: /save! {path} replaces it")
+    try:
+        st = os.stat(target)  # through symlinks: /proc/self/fd/1 is the terminal or a pipe
+        mode = st.st_mode
+        real = Path(os.path.realpath(target))
+        if stat.S_ISREG(mode) and (real.stat().st_dev, real.stat().st_ino) != (st.st_dev, st.st_ino):
+            mode = 0  # a /proc link to a deleted or unnamed file: no path of its own to replace
+    except OSError as exc:
+        raise Phi3vError(f"cannot save the transcript to {target}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, a pipe or a socket)"
+        raise Phi3vError(f"{target} is {what}: /save! replaces only a regular file")
+    return real
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _one_line(exc: BaseException) -> str:

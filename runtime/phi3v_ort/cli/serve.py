@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from phi3v_ort.cli.group import cli
-from phi3v_ort.cli.options import model_options, start_workers, threads_option
+from phi3v_ort.cli.options import model_options, start_workers, threads_option, worker_memory_option
 from phi3v_ort.errors import missing_extra
 
 
@@ -23,6 +23,7 @@ from phi3v_ort.errors import missing_extra
               help="Model worker processes, each with its own model, one answer at a time each (worker i on GPU i "
               "when there are enough GPUs).")
 @threads_option
+@worker_memory_option
 @click.option("--processor", type=click.Choice(["own", "og"]), default="own", show_default=True,
               help="own: the runtime's input pipeline (the reference processor's behaviour); og: onnxruntime-genai's.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
@@ -33,8 +34,8 @@ from phi3v_ort.errors import missing_extra
 @click.option("--idle-exit", default=None, metavar="DURATION",
               help="Exit after DURATION without requests (30s, 5m, 1h): what `run --keep-alive` starts.")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
-          workers: int, threads: int | None, processor: str, max_queue: int, allow_remote_images: bool,
-          model_name: str | None, quiet: bool, idle_exit: str | None) -> None:
+          workers: int, threads: int | None, worker_memory_limit: str | None, processor: str, max_queue: int,
+          allow_remote_images: bool, model_name: str | None, quiet: bool, idle_exit: str | None) -> None:
     """An OpenAI-compatible server with a web page; the models run in worker processes.
 
     Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
@@ -62,7 +63,8 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
     sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
     try:
         loading = time.perf_counter()
-        pool, _ = start_workers(model, model_dir, device, workers, threads, processor)
+        pool, _ = start_workers(model, model_dir, device, workers, threads, processor,
+                                worker_memory_limit=worker_memory_limit)
         load_s = time.perf_counter() - loading
     except BaseException:
         sock.close()

@@ -19,6 +19,12 @@ What the runtime adds to a JSON schema (and nothing else):
 addition. In a `--regex`, `\\d` / `\\D` mean an ASCII digit / non-digit (`[0-9]`, as JSON Schema's patterns read
 them; see `ascii_digits`); everything else in a regex, and Lark grammars, are passed to og exactly as given.
 
+Limits (constraint_limits.py): before og compiles a constraint, its size, nesting, counts (`maxItems`...), regex
+repetitions, Lark `~ n` and `%json{...}` schemas are checked against fixed limits, and a schema without a finite
+answer (a `$ref` loop, a recursion required all the way down) is refused: some of those abort the process or
+exhaust its memory inside og, or fail only after the prefill. og's own internals (a Rust panic, a parser-state
+dump) go to the log, never into a message.
+
 The guarantee (`outcome`): a guided answer that ended on the end token is complete by construction (og's mask
 allows the end token only where the constraint accepts), and a JSON one is parsed (and a regex one matched) here
 to be sure. An answer that stopped on the token budget is incomplete: the CLI says so in one line and exits
@@ -33,16 +39,20 @@ next answer), and re-prefills when the last answer was cut mid-structure (og wou
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi3v_ort.engine import constraint_limits
 from phi3v_ort.errors import ConstraintError, Phi3vError
 
 KINDS = ("json_schema", "regex", "lark_grammar")
 WHAT = {"json_schema": "JSON", "regex": "regex match", "lark_grammar": "grammar"}
 RUNTIME_X_GUIDANCE = {"whitespace_flexible": False}
 JSON_OBJECT_SCHEMA = {"type": "object"}
+INTERNALS = ("<state>", "<backtrace>", "Tokens: ", "Parser: {")  # where og's message turns into llguidance's dump
+log = logging.getLogger(__name__)
 
 
 class GuidanceError(ConstraintError):
@@ -67,6 +77,14 @@ class Guidance:
             raise GuidanceError(f"unknown guidance type {self.kind!r}: choose from {', '.join(KINDS)}")
         if not isinstance(self.data, str) or not self.data.strip():
             raise GuidanceError(f"{self.label} is empty")
+        try:
+            self.data.encode("utf-8")
+        except UnicodeEncodeError as exc:  # og's binding would refuse it with its own signature in the message
+            raise GuidanceError(f"{self.label} is not valid Unicode text: a lone surrogate "
+                                f"({self.data[exc.start]!r}) at character {exc.start}") from None
+        found = constraint_limits.problem(self.kind, self.data)
+        if found:  # before og compiles it: some of what is over these limits aborts or exhausts the process
+            raise GuidanceError(f"{self.label} {found}")
 
     @property
     def is_json(self) -> bool:
@@ -89,8 +107,11 @@ def normalize_schema(schema: object, label: str = "the JSON schema") -> dict:
 
 
 def json_schema(schema: object, label: str = "the JSON schema") -> Guidance:
-    return Guidance("json_schema", json.dumps(normalize_schema(schema, label), ensure_ascii=False,
-                                              separators=(",", ":")), label)
+    try:
+        text = json.dumps(normalize_schema(schema, label), ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise GuidanceError(f"{label} nests deeper than {constraint_limits.MAX_DEPTH} levels") from None
+    return Guidance("json_schema", text, label)
 
 
 def json_object(label: str = "--json-object") -> Guidance:
@@ -197,6 +218,8 @@ def _schema_arg(arg: str) -> object:
     text = arg if arg.lstrip().startswith("{") else _read_text(arg, "--json-schema")
     try:
         return json.loads(text)
+    except RecursionError:
+        raise GuidanceError(f"--json-schema nests deeper than {constraint_limits.MAX_DEPTH} levels") from None
     except ValueError as exc:
         where = "--json-schema" if text is arg else f"--json-schema file {arg}"
         raise GuidanceError(f"{where} is not valid JSON ({exc})") from None
@@ -204,8 +227,12 @@ def _schema_arg(arg: str) -> object:
 
 def _read_text(path: str, option: str) -> str:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise GuidanceError(f"{option}: no such file {path}")
+    try:
+        is_file = p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        is_file = False
+    if not is_file:
+        raise GuidanceError(f"{option}: no such file {path[:200]}")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -217,15 +244,30 @@ def _read_text(path: str, option: str) -> str:
 # -- og's messages -----------------------------------------------------------------------------------------------
 
 def compile_error(guidance: Guidance, exc: BaseException) -> GuidanceError:
-    """og's multi-line grammar error (with its caret lines) as one sentence."""
+    """og's multi-line grammar error (with its caret lines) as one sentence; llguidance's internals (a Rust panic,
+    a backtrace, a parser-state dump) go to the log, not into the message."""
     text = str(exc)
     text = text.split("Error creating grammar:", 1)[-1]
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not set(line) <= set("^ |") and not re.match(r"^\d+ \| ", line)]
-    message = " ".join(lines)
-    if len(message) > 300:
-        message = message[:297] + "..."
+    message = public_reason(" ".join(lines))
+    if message is None:
+        log.warning("%s: og's constraint compiler failed: %s", guidance.label, str(exc)[:2000])
+        return GuidanceError(f"{guidance.label} cannot be compiled: it is too large or too complex for "
+                             f"onnxruntime-genai's constraint compiler")
     return GuidanceError(f"{guidance.label} cannot be compiled: {message}")
+
+
+def public_reason(text: str) -> str | None:
+    """og's message without llguidance's internals: cut at a state dump or backtrace, at most 300 characters;
+    None for a panic (an assertion inside the library says nothing the user can act on)."""
+    text = text.strip()
+    if not text or text.startswith("panic") or "panicked at" in text:
+        return None
+    for marker in INTERNALS:
+        text = text.split(marker, 1)[0]
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def is_guidance_failure(exc: BaseException) -> bool:
@@ -234,8 +276,11 @@ def is_guidance_failure(exc: BaseException) -> bool:
 
 
 def decode_failure(exc: BaseException, generated: int) -> GuidanceFailed:
+    log.warning("og's constrained decoder failed after %d tokens: %s", generated, str(exc)[:2000])
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return GuidanceFailed(f"onnxruntime-genai's constrained decoder failed after {generated} tokens: {first[:300]}")
+    reason = public_reason(first)
+    return GuidanceFailed(f"onnxruntime-genai's constrained decoder failed after {generated} tokens"
+                          + (f": {reason}" if reason else ""))
 
 
 # -- the guarantee -----------------------------------------------------------------------------------------------

@@ -17,12 +17,15 @@ the canonical names, so the exporter, the validation and the synthetic checkpoin
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from phi3v_ort.export.config_check import check_config, read_config
+from phi3v_ort.package.contract import TOKENIZER_FILES
 from phi3v_ort.reference.model import decoder_config, parameter_targets, vision_config
 from phi3v_ort.reference.names import (EMBED_TOKENS, IGNORED_KEYS, VISION_PREFIX, WTE_ALIAS, CheckpointError, is_bare,
                                        normalise_key, shard_files)
@@ -57,16 +60,16 @@ class Checkpoint:
         config_path = path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{path} is not a checkpoint folder: it has no config.json")
-        try:
-            config = json.loads(config_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
+        config = read_config(config_path)
         if config.get("model_type") != "phi3_v":
             raise CheckpointError(f"{config_path} has model_type {config.get('model_type')!r}, not 'phi3_v' "
                                   f"(Phi-3-vision or Phi-3.5-vision)")
+        check_config(config, config_path)
         for name in REQUIRED_TOKENIZER_FILES:
             if not (path / name).is_file():
                 raise CheckpointError(f"{path} has no {name}: the package needs the checkpoint's tokenizer files")
+        for name in TOKENIZER_FILES:  # what the package will copy: checked now, not after the export
+            tokenizer_source(path, name)
         expected = expected_tensors(config)
         ckpt = cls(path=path, config=config, family=detect_family(config, family), tensors=_scan(path),
                    expected=expected)
@@ -121,6 +124,26 @@ class Checkpoint:
             with safe_open(str(file), framework="pt") as f:
                 for name, stored in items:
                     yield name, f.get_tensor(stored.name)
+
+
+def tokenizer_source(folder: Path, name: str) -> Path | None:
+    """The regular file a checkpoint's tokenizer file is, or None when absent. A symlink may point inside the
+    checkpoint folder, or, for a hub-cache snapshot (`.../snapshots/COMMIT`), into that repository's cache folder
+    (where the hub keeps the blobs); one that leads anywhere else is refused: the export would publish whatever it
+    points at (a private 0600 file became a 0644 package file)."""
+    path = folder / name
+    if not path.is_symlink() and not path.exists():
+        return None
+    real = Path(os.path.realpath(path))
+    roots = [Path(os.path.realpath(folder))]
+    if roots[0].parent.name == "snapshots":
+        roots.append(roots[0].parent.parent)
+    if not any(real == root or root in real.parents for root in roots):
+        raise CheckpointError(f"{path} is a symlink to {real}, outside the checkpoint folder: copy the file in "
+                              f"(the package would publish it)")
+    if not real.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    return real
 
 
 def is_vision(name: str) -> bool:

@@ -57,13 +57,36 @@ def _log(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool, sources: dict[str, Path | None] | None = None) -> None:
+    """Refuse, before any work, an --out the export must not write: the root of the file system, a folder that is,
+    contains or lies inside an input (`sources`: the checkpoint, the adapter; `--overwrite` would delete it), a
+    non-empty folder without --overwrite, and with --overwrite anything but an earlier package (or an empty
+    folder): --overwrite replaces a package, never a folder of the user's own files."""
+    if out == out.parent:
+        raise ExportError(f"--out {out} is the root of the file system: give a new folder for the package")
+    for what, source in (sources or {}).items():
+        if source is None:
+            continue
+        source = source.expanduser().resolve()
+        if out == source or source in out.parents or out in source.parents:
+            relation = "is" if out == source else "lies inside" if source in out.parents else "contains"
+            raise ExportError(f"--out {out} {relation} the {what} folder {source}: give a folder of its own")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} already exists and is not empty (choose another folder, or pass "
-                          f"--overwrite to replace it once the new package is complete)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out} already exists and is not empty (choose another folder, or pass "
+                              f"--overwrite to replace it once the new package is complete)")
+        if not is_package_folder(out):
+            raise ExportError(f"--out {out} holds files that are not a package (no genai_config.json, or "
+                              f"subfolders): --overwrite replaces only an earlier export; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def is_package_folder(folder: Path) -> bool:
+    """What an export leaves: genai_config.json and other regular files, no subfolders."""
+    entries = list(folder.iterdir())
+    return (folder / "genai_config.json").is_file() and all(e.is_file() and not e.is_symlink() for e in entries)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "cpu-int4",
@@ -73,7 +96,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     v: Variant = VARIANTS[variant]
     out = Path(out).expanduser().resolve()
-    prepare_out(out, overwrite)
+    prepare_out(out, overwrite, {"checkpoint": Path(checkpoint), "adapter": adapter and Path(adapter)})
     started = time.perf_counter()
     phases: dict[str, float] = {}
     with PeakMemory() as peak:
@@ -169,9 +192,11 @@ def _export_embeddings(ckpt: Checkpoint, adapter, staging: Path, names, v: Varia
 
 def replace_dir(new: Path, target: Path) -> None:
     """Swap a finished folder into place; the old one is removed only after the new one is there."""
-    new.chmod(0o755)  # mkdtemp made it private
+    mask = os.umask(0)
+    os.umask(mask)
+    new.chmod(0o777 & ~mask)  # mkdtemp made it private: the modes any new folder and file get (the umask's)
     for f in new.iterdir():
-        f.chmod(0o644)
+        f.chmod(0o666 & ~mask)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from phi3v_ort.package import contract
 from phi3v_ort.package.contract import TOKENIZER_FILES
-from phi3v_ort.export.checkpoint import Checkpoint
+from phi3v_ort.export.checkpoint import Checkpoint, tokenizer_source
 
 
 def end_of_turn_id(ckpt: Checkpoint) -> int:
@@ -74,6 +74,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def copy_tokenizer(ckpt: Checkpoint, out_dir: Path) -> None:
+    """The checkpoint's tokenizer files, their content only (the package's modes are its own)."""
     for name in TOKENIZER_FILES:
-        if (ckpt.path / name).is_file():
-            shutil.copy(ckpt.path / name, out_dir / name)
+        source = tokenizer_source(ckpt.path, name)
+        if source is not None:
+            shutil.copyfile(source, out_dir / name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -156,15 +157,35 @@ def _from_pixels(img: Image.Image, label: str, started: float, max_pixels: int) 
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
-    if not path.exists():
-        raise ImageError(f"image file not found: {path}")
-    if path.is_dir():
-        raise ImageError(f"image path {path} is a directory, not an image file")
+    """A regular file's bytes. Anything else is refused before it is opened: opening a FIFO blocks until a writer
+    comes (a batch hung forever, Ctrl-C included), and a device can be endless or act on being opened. It is
+    opened non-blocking and checked again, so a path swapped for a FIFO in between cannot hang the read either."""
     try:
-        with path.open("rb") as f:
+        kind = _file_kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if kind != "a regular file":
+        raise ImageError(f"image path {path} is {kind}, not an image file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageError(f"image path {path} is not a regular file, not an image file")
             return f.read(max_bytes + 1)
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
+
+def _file_kind(mode: int) -> str:
+    """What a stat mode is, in words (for the one sentence that refuses it)."""
+    for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                        (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def _download(url: str, max_bytes: int, timeout: float) -> bytes:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3v_ort.package import contract
-from phi3v_ort.errors import Phi3vError, SettingError
+from phi3v_ort.errors import ImageError, Phi3vError, SettingError
 from phi3v_ort.package.onnx_header import read_input_spec
 from phi3v_ort.inputs.pixels import PreparedImage, prepare_image
 from phi3v_ort.inputs.prompt import Segment, Text, render
@@ -149,6 +149,9 @@ class OwnPipeline:
         return self.builder.build(segments, images)
 
 
+OG_MAX_SIDE = 16384  # og 0.18's decoder: "PNG dimensions exceed maximum allowed size" beyond (measured)
+
+
 class OgPipeline:
     """`--processor og`: og 0.18's own processor, for comparison. It ignores the crop budget (always 16), adds no
     BOS, antialiases the global view, and would read control-token strings in people's text as control tokens,
@@ -163,6 +166,11 @@ class OgPipeline:
         self.builder, self.crops = builder, crops
 
     def prepare_image(self, image) -> OgImage:
+        contract.check_hd_shape(image.width, image.height, self.crops, image.source)
+        if max(image.width, image.height) > OG_MAX_SIDE:
+            raise ImageError(f"image {image.source} is {image.width}x{image.height} pixels: og's image decoder reads "
+                             f"at most {OG_MAX_SIDE} pixels a side (the runtime's own processor reads it: drop "
+                             f"--processor og)")
         return OgImage(image.source, image.og_bytes())
 
     def image_tokens(self, image: OgImage) -> int:

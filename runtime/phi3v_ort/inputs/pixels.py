@@ -50,6 +50,7 @@ class PreparedImage:
 def prepare_image(image: Image.Image, num_crops: int = contract.MAX_CROPS, source: str = "") -> PreparedImage:
     """An RGB Pillow image -> its crops, size and token count for a budget of `num_crops` sub-crops."""
     started = time.perf_counter()
+    contract.check_hd_shape(image.width, image.height, num_crops, source or "(unnamed)")
     padded = hd_transform(image, num_crops)
     arr = np.asarray(padded)  # uint8 [h, w, 3]
     h, w = arr.shape[:2]

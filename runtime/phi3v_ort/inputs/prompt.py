@@ -22,11 +22,25 @@ from phi3v_ort.errors import Phi3vError
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """Refuse a lone surrogate (U+D800-U+DFFF alone): what Python makes of a byte that is not UTF-8 in a command
+    line (`caf\\xe9` -> `caf\\udce9`) or what JSON's `\\ud800` escape gives (half of an emoji, left by
+    JavaScript's slice). It is not text: no tokenizer, file or socket takes it as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Phi3vError(f"{what} is not valid Unicode: a lone surrogate ({text[exc.start]!r}) at character "
+                         f"{exc.start} (a byte that is not UTF-8, or half of an emoji)") from None
+
+
 @dataclass(frozen=True)
 class Text:
     """Text someone wrote: always tokenized as plain text."""
 
     text: str
+
+    def __post_init__(self) -> None:
+        check_unicode(self.text)
 
 
 @dataclass(frozen=True)

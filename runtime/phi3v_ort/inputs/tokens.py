@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.inputs.prompt import Control, Image, Segment, Text, Tokens
+from phi3v_ort.inputs.prompt import Control, Image, Segment, Text, Tokens, check_unicode
 
 
 class PromptTokenizer:
@@ -62,6 +62,7 @@ class PromptTokenizer:
     def encode_text(self, text: str) -> list[int]:
         """Plain text -> ids: never a control token (SentencePiece's leading word marker included, as the
         reference adds it to every run)."""
+        check_unicode(text)  # the tokenizers library would raise a TypeError on it
         return self._plain.encode(text, add_special_tokens=False).ids if text else []
 
     def encode(self, segments: Sequence[Segment], image_tokens: Sequence[int] = (), start: bool = True) -> np.ndarray:

@@ -34,7 +34,26 @@ def hd_scale(width: int, height: int, num_crops: int = MAX_CROPS) -> tuple[int, 
     while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
         scale += 1
     new_long = CROP_SIZE * scale
-    return new_long, int(new_long / ratio)
+    new_short = int(new_long / ratio)
+    if new_short == 0:  # the reference's resize fails on a zero size: callers refuse first (check_hd_shape)
+        raise ValueError(f"a {width}x{height} image has no short side after the HD resize at {num_crops} crops")
+    return new_long, new_short
+
+
+def check_hd_shape(width: int, height: int, num_crops: int, label: str) -> None:
+    """Refuse, in one sentence naming the image, a shape the HD resize flattens to nothing: the short side becomes
+    int(336 * scale / ratio) pixels, 0 once the long side is more than 336 * num_crops times the short one (6000x1;
+    400x1 at 1 crop). The reference Phi3VImageProcessor fails on those (a resize to a zero size), and so does og
+    0.18's processor ("[hd_transform]: Failed to allocate memory": 5376x1 works, 5377x1 fails)."""
+    from phi3v_ort.errors import ImageError
+
+    long_side, short_side = max(width, height), min(width, height)
+    if short_side > 0 and int(CROP_SIZE * num_crops / (long_side / short_side)) > 0:
+        return
+    most = CROP_SIZE * num_crops
+    raise ImageError(f"the model cannot take image {label}: it is {width}x{height} pixels, too narrow for the HD "
+                     f"resize at {num_crops} crop{'s' if num_crops != 1 else ''} (its long side may be at most "
+                     f"{most:,} times its short side)")
 
 
 def hd_size(width: int, height: int, num_crops: int = MAX_CROPS) -> tuple[int, int]:

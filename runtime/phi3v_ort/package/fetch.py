@@ -86,6 +86,7 @@ def check_folder(path: Path, variant: Variant, expected_sizes: dict[str, int] | 
 def locate(variant: Variant, revision: str | None = None, cache_dir: str | None = None,
            local_dir: str | None = None) -> LocalCopy:
     """What of `variant` is already on this machine (the hub cache, or `local_dir`), without the network."""
+    check_revision(revision)
     if local_dir:
         path = Path(local_dir).expanduser() / variant.folder
     else:
@@ -100,10 +101,26 @@ def locate(variant: Variant, revision: str | None = None, cache_dir: str | None 
     return LocalCopy(variant, path, problem is None, local.folder_size(path), problem)
 
 
+MAX_REVISION = 255  # a branch, a tag or a commit: one path component in the hub cache (refs/REVISION)
+
+
+def check_revision(revision: str | None) -> None:
+    """A revision the hub cache can hold as a file name: 1-255 characters, no control characters, no `..` and no
+    leading `/` (it becomes a path under the cache's refs/)."""
+    if revision is None:
+        return
+    if not revision.strip() or len(revision) > MAX_REVISION:
+        raise Phi3vError(f"--revision must be a branch, a tag or a commit of 1 to {MAX_REVISION} characters, got "
+                         f"{len(revision)} characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in revision) or ".." in revision or revision.startswith("/"):
+        raise Phi3vError(f"--revision {revision[:80]!r} is not a branch, a tag or a commit name")
+
+
 def hub_listing(variant: Variant, revision: str | None = None) -> dict[str, int | None]:
     """The variant folder's files on the hub and their sizes, checked to hold what the catalog expects."""
     from huggingface_hub import HfApi
 
+    check_revision(revision)
     api = HfApi(endpoint=endpoint())
     try:
         info = api.model_info(variant.repo, revision=revision, files_metadata=True)
@@ -283,6 +300,10 @@ def model_target(model: str | None, model_dir: str | None, device: str) -> Path 
     from phi3v_ort.package.catalog import DEFAULT_MODEL, MODEL_ENV, MODELS, select
     from phi3v_ort.package.device import resolve_device
 
+    if model_dir is not None and not model_dir.strip():  # '' is a mistake (an unset variable), not "the default"
+        raise Phi3vError("--model-dir is empty: give the package's folder")
+    if model is not None and not model.strip():
+        raise Phi3vError("-m/--model is empty: give a model name (phi3v-ort models lists them) or a folder")
     if model and model_dir:
         raise Phi3vError("give either -m/--model or --model-dir, not both")
     if model_dir:

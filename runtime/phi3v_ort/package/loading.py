@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,12 +60,8 @@ def read_package(path: str | Path, inputs_only: bool = False) -> PackageInfo:
     config_path = path / "genai_config.json"
     if not config_path.is_file():
         raise Phi3vError(f"{path} is not a Phi-3-vision ONNX package: it has no genai_config.json")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        model = config["model"]
-        decoder, embedding, vision = model["decoder"], model.get("embedding"), model.get("vision")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise Phi3vError(f"{config_path} is not a readable onnxruntime-genai config ({exc})") from None
+    model = _read_config(config_path)
+    decoder, embedding, vision = model["decoder"], model.get("embedding"), model.get("vision")
 
     if vision and contract.LEGACY_VISION_OUTPUT in json.dumps(vision.get("outputs", {})):
         raise Phi3vError(f"{path} is a legacy-format Phi-3-vision package (vision output "
@@ -74,8 +71,9 @@ def read_package(path: str | Path, inputs_only: bool = False) -> PackageInfo:
         raise Phi3vError(f"{path} holds a model of type {model.get('type')!r}, not a Phi-3-vision package "
                          f"(type {contract.MODEL_TYPE!r} with vision and embedding models)")
 
-    files = contract.FileNames(vision=vision["filename"], embedding=embedding["filename"],
-                               decoder=decoder["filename"])
+    files = contract.FileNames(vision=_file_name(vision, "model.vision", config_path),
+                               embedding=_file_name(embedding, "model.embedding", config_path),
+                               decoder=_file_name(decoder, "model.decoder", config_path))
     models = (("vision model", files.vision), ("embedding model", files.embedding), ("decoder", files.decoder))
     for role, name in models[:1] if inputs_only else models:
         _fail_if_missing(path / name, role)
@@ -84,23 +82,76 @@ def read_package(path: str | Path, inputs_only: bool = False) -> PackageInfo:
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
         _fail_if_missing(path / name, "file")
 
-    providers = decoder.get("session_options", {}).get("provider_options", [])
-    built_for = "cuda" if any("cuda" in p for p in providers) else "cpu"
+    options = decoder.get("session_options", {})
+    providers = options.get("provider_options", []) if isinstance(options, dict) else []
+    built_for = "cuda" if isinstance(providers, list) and any("cuda" in p for p in providers) else "cpu"
+    count = partial(_count, config_path)
+    return PackageInfo(
+        path=path.resolve(), model_type=model["type"], files=files, built_for=built_for,
+        io_dtype="float16" if built_for == "cuda" else "float32",
+        num_layers=count(decoder, "model.decoder.num_hidden_layers", MAX_LAYERS),
+        hidden_size=count(decoder, "model.decoder.hidden_size", MAX_WIDTH),
+        num_heads=count(decoder, "model.decoder.num_attention_heads", MAX_WIDTH),
+        num_kv_heads=count(decoder, "model.decoder.num_key_value_heads", MAX_WIDTH),
+        head_size=count(decoder, "model.decoder.head_size", MAX_WIDTH),
+        context_length=count(model, "model.context_length", MAX_CONTEXT),
+        vocab_size=count(model, "model.vocab_size", MAX_VOCAB),
+        eos_token_id=_eos(model, config_path),
+    )
+
+
+# Sanity bounds on genai_config.json's numbers, far above any Phi-3-vision (131,072 context, 32 layers, 3072 wide,
+# 32,064 tokens): a number past them is a damaged or hostile file, and 2**40 as a context would size buffers.
+MAX_CONTEXT = 2**21
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**16
+MAX_VOCAB = 2**22
+
+
+def _read_config(config_path: Path) -> dict:
+    """genai_config.json's `model` section, with its decoder/embedding/vision sections checked to be objects."""
     try:
-        return PackageInfo(
-            path=path.resolve(), model_type=model["type"], files=files, built_for=built_for,
-            io_dtype="float16" if built_for == "cuda" else "float32",
-            num_layers=int(decoder["num_hidden_layers"]), hidden_size=int(decoder["hidden_size"]),
-            num_heads=int(decoder["num_attention_heads"]), num_kv_heads=int(decoder["num_key_value_heads"]),
-            head_size=int(decoder["head_size"]), context_length=int(model["context_length"]),
-            vocab_size=int(model["vocab_size"]), eos_token_id=_first(model["eos_token_id"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Phi3vError(f"{config_path} lacks a field the runtime needs ({exc})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise Phi3vError(f"{config_path} is not a readable onnxruntime-genai config (nested too deeply)") from None
+    except (OSError, ValueError) as exc:
+        raise Phi3vError(f"{config_path} is not a readable onnxruntime-genai config ({exc})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("decoder"), dict):
+        raise Phi3vError(f"{config_path} is not a readable onnxruntime-genai config (no model.decoder object)")
+    for section in ("embedding", "vision"):
+        if model.get(section) is not None and not isinstance(model[section], dict):
+            raise Phi3vError(f"{config_path}: model.{section} must be an object")
+    return model
 
 
-def _first(value) -> int:
-    return int(value[0] if isinstance(value, list) else value)
+def _count(config_path: Path, section: dict, field: str, most: int) -> int:
+    """A positive JSON integer (not a string, not a float) no larger than `most`, or one sentence naming it."""
+    value = section.get(field.rsplit(".", 1)[1])
+    if value is None:
+        raise Phi3vError(f"{config_path} lacks {field}, which the runtime needs")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise Phi3vError(f"{config_path}: {field} must be a whole number from 1 to {most:,}, got "
+                         f"{json.dumps(value)[:40]}")
+    return value
+
+
+def _file_name(section: dict, where: str, config_path: Path) -> str:
+    """A model file's name: a plain file name inside the package folder (never a path out of it)."""
+    name = section.get("filename")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise Phi3vError(f"{config_path}: {where}.filename must be a file name in the package folder, got "
+                         f"{json.dumps(name)[:60]}")
+    return name
+
+
+def _eos(model: dict, config_path: Path) -> int:
+    value = model.get("eos_token_id")
+    first = value[0] if isinstance(value, list) and value else value
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise Phi3vError(f"{config_path}: model.eos_token_id must be a token id (or a list of them), got "
+                         f"{json.dumps(value)[:40]}")
+    return first
 
 
 def default_threads(workers: int = 1) -> int:

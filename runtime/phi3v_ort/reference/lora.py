@@ -132,6 +132,8 @@ class LoraAdapter:
             raise AdapterError(f"{path} is not a PEFT adapter folder: it has no {CONFIG_NAME}")
         try:
             config = json.loads(config_path.read_text())
+        except RecursionError:
+            raise AdapterError(f"cannot read {config_path}: it is nested too deeply") from None
         except (OSError, ValueError) as e:
             raise AdapterError(f"cannot read {config_path}: {e}") from None
         if not isinstance(config, dict):
@@ -215,6 +217,41 @@ def _check_config(config: Mapping[str, Any], config_path: Path) -> None:
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterError(f"{config_path} trains biases (bias: {bias!r}); only bias 'none' can be merged")
+    _check_numbers(config, config_path)
+
+
+MAX_RANK = 2**16
+
+
+def _check_numbers(config: Mapping[str, Any], config_path: Path) -> None:
+    """r, lora_alpha, rank_pattern and alpha_pattern as peft writes them, before any weight is read: a rank of 0
+    would divide by zero, a NaN alpha would be merged into every weight, a pattern that is not a regex would fail
+    mid-merge."""
+    _rank(config.get("r", 8), f"{config_path}: r")
+    _alpha(config.get("lora_alpha", 8), f"{config_path}: lora_alpha")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{config_path}: use_rslora must be true or false")
+    for field, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{config_path}: {field} must be an object of pattern -> value")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                raise AdapterError(f"{config_path}: {field} key {key[:80]!r} is not a regular expression "
+                                   f"({exc})") from None
+            check(value, f"{config_path}: {field}[{key[:80]!r}]")
+
+
+def _rank(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise AdapterError(f"{where} must be a whole number from 1 to {MAX_RANK:,}, got {json.dumps(value)[:40]}")
+
+
+def _alpha(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{where} must be a finite number, got {json.dumps(value)[:40]}")
 
 
 def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], Path]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.kv_cache import KVCachePolicy
 from phi3v_ort.engine.settings import GenerationSettings
+from phi3v_ort.workers import memory_limit
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # wait before the n-th restart in a row
 STABLE_S = 60.0  # a worker alive this long resets the backoff
@@ -50,6 +51,7 @@ class WorkerSpec:
     gpu: int | None = None  # CUDA_VISIBLE_DEVICES for this worker (worker i on GPU i)
     keep_conversations: int = 4
     keep_kv_bytes: int = 2 * 2**30
+    memory_limit: int | None = None  # bytes of address space for the worker (memory_limit.py); None: none
     prefill_delay_s: float = 0.0  # tests only: each prefill takes this much longer (observe a long prefill)
 
 
@@ -93,6 +95,7 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
 def _serve_jobs(spec: WorkerSpec, conn) -> None:
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+    memory_limit.apply(spec.memory_limit)  # a runaway allocation ends this worker's request, not the machine
     try:
         from phi3v_ort.engine.model import load_model
 
