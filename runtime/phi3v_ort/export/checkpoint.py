@@ -16,7 +16,6 @@ the canonical names, so the exporter, the validation and the synthetic checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
