@@ -62,7 +62,7 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
     \b
     Examples:
       phi3v-ort batch items.jsonl -o answers.jsonl
-      phi3v-ort batch photos/ --question "Describe the image." -o answers.jsonl --workers 2
+      phi3v-ort batch examples/ --question "Describe the image." -o answers.jsonl --workers 2
       phi3v-ort batch items.jsonl -o answers.jsonl --json-schema book.schema.json
       phi3v-ort batch /shared/photos --question "Describe the image." -o /shared/answers.jsonl --ray
     """

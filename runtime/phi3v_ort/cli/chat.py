@@ -37,9 +37,9 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
 
     \b
     Examples:
-      phi3v-ort chat -i chart.png
-      phi3v-ort chat --system "Answer in one sentence." -i cover.jpg
-      printf 'What is this?\\nAnd the title?\\n' | phi3v-ort chat -i cover.jpg
+      phi3v-ort chat -i examples/chart.png
+      phi3v-ort chat --system "Answer in one sentence." -i examples/cover.png
+      printf 'What is this?\\nAnd the title?\\n' | phi3v-ort chat -i examples/cover.png
     """
     from phi3v_ort.cli.chat_loop import run_chat, stdin_is_terminal
     from phi3v_ort.engine.conversation import Conversation

@@ -47,8 +47,8 @@ def cli() -> None:
 
     \b
     Examples:
-      phi3v-ort run -i chart.png "Could you please introduce this stock to me?"
-      phi3v-ort chat -i cover.jpg
+      phi3v-ort run -i examples/chart.png "Could you please introduce this stock to me?"
+      phi3v-ort chat -i examples/cover.png
       phi3v-ort serve --port 8000        # then open http://127.0.0.1:8000/
       phi3v-ort COMMAND --help           # a command's options and examples
     Shell completion (bash): eval "$(_PHI3V_ORT_COMPLETE=bash_source phi3v-ort)"

@@ -32,9 +32,9 @@ def prepare(question: str, images: tuple[str, ...], model: str | None, model_dir
 
     \b
     Examples:
-      phi3v-ort prepare -i chart.png "Could you please introduce this stock to me?"
-      phi3v-ort prepare -i chart.png --crops 4 --json "Describe the chart."
-      phi3v-ort prepare -i chart.png --save-pixels pixels.npy "Describe the chart."
+      phi3v-ort prepare -i examples/chart.png "Could you please introduce this stock to me?"
+      phi3v-ort prepare -i examples/chart.png --crops 4 --json "Describe the chart."
+      phi3v-ort prepare -i examples/chart.png --save-pixels pixels.npy "Describe the chart."
     """
     from phi3v_ort.engine.preview import preview, preview_dict
     from phi3v_ort.inputs.images import load_image

@@ -46,10 +46,10 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
 
     \b
     Examples:
-      phi3v-ort run -i chart.png "Could you please introduce this stock to me?"
-      phi3v-ort run -i a.jpg -i b.jpg "What is difference in this two images?"
+      phi3v-ort run -i examples/chart.png "Could you please introduce this stock to me?"
+      phi3v-ort run -i examples/a.png -i examples/b.png "What is difference in this two images?"
       phi3v-ort run -i https://example.com/cover.jpg --stats "Who wrote this book?"
-      cat photo.png | phi3v-ort run -i - --json "Describe the image."
+      cat examples/a.png | phi3v-ort run -i - --json "Describe the image."
       phi3v-ort run --model-dir tests/fixtures/tiny-int4-cpu -i tests/data/chart.png --max-new-tokens 32 "Hi"
       phi3v-ort run --keep-alive 10m "Hello"        # later runs answer at once, through the server it started
     """
