@@ -28,6 +28,29 @@ def gpu_count() -> int:
     return count.value
 
 
+def gpu_details() -> tuple[str | None, list[str]]:
+    """The CUDA driver's version ("13.0") and each GPU's name and memory, for `info` (None, [] without a driver)."""
+    try:
+        lib = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return None, []
+    version = ctypes.c_int(0)
+    try:
+        if lib.cuInit(0) != 0 or lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None, []
+        names = []
+        for index in range(gpu_count()):
+            device, name, total = ctypes.c_int(0), ctypes.create_string_buffer(256), ctypes.c_size_t(0)
+            if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
+                continue
+            lib.cuDeviceGetName(name, 256, device)
+            lib.cuDeviceTotalMem_v2(ctypes.byref(total), device)
+            names.append(f"{name.value.decode(errors='replace')} ({total.value / 2**30:.0f} GiB)")
+    except AttributeError:
+        return None, []
+    return f"{version.value // 1000}.{version.value % 1000 // 10}", names
+
+
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when a GPU is really there, else 'cpu'; 'cuda' without a GPU is an error."""
     requested = (requested or "auto").lower()
