@@ -25,44 +25,42 @@ What og 0.18 does, measured on the fixture (tests/engine/test_conversation.py ch
 
 Budget: the generator's max_length is fixed when it is created (the shared KV buffer is allocated at that size):
 prompt tokens + max_new_tokens + `reserve_tokens` (default 2048, room for follow-up turns), capped at the
-context. When the next turn would not fit, the conversation starts a fresh generator with the transcript
+context; kv_cache.py makes every sizing decision (the buffer, the reserve, what fits). When the next turn would not
+fit, the conversation starts a fresh generator with the transcript
 re-prefilled; with `drop_old_turns` (the chat) it drops the oldest turns (with their images) until it fits and says
 so, without it (the server, where the client owns the history) it refuses with ContextTooLong. A turn that cannot
 fit even alone is refused and the history is kept.
 
 Prompts are segments (prompt.py) tokenized by the runtime (tokens.py): the continuation's ids are exactly the
 suffix a fresh prefill of the whole transcript would have, and answers generated here stay as their own ids, so a
-re-prefill reads exactly what the kept cache holds.
+re-prefill reads exactly what the kept cache holds. A caller that has already tokenized the transcript (the server,
+which counts it to check the context) hands its ids to `ask(tokens=...)`: they are fed as they are, never
+tokenized again; the cache then holds the earlier answers as that text's tokens, and the turns say so.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from phi3v_ort.errors import ContextTooLong  # defined with the other errors; importable here as before
-from phi3v_ort.engine.generation import (DecodeClock, Finished, GenerationStats, Notice, TokenEvent, decode_tokens,
-                                         model_timings)
+from phi3v_ort.errors import ContextTooLong
+from phi3v_ort.engine import kv_cache
+from phi3v_ort.engine.generation import (Answer, Finished, GenerationStats, Notice, Prefilled, TokenEvent,
+                                         decode_answer)
 from phi3v_ort.engine.guidance import GuidanceFailed
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, make_pipeline
-from phi3v_ort.engine.kv_cache import kv_cache_bytes
 from phi3v_ort.engine.model import LoadedModel
-from phi3v_ort.inputs.prompt import END, NEWLINE, Segment, answer_turn, system_turn, user_turn
+from phi3v_ort.inputs.prompt import END, NEWLINE, Segment, Turn, system_turn, transcript, user_turn
+from phi3v_ort.inputs.tokens import TranscriptIds
 from phi3v_ort.engine.settings import GenerationSettings, create_generator, search_options
 
-DEFAULT_RESERVE_TOKENS = 2048
+DEFAULT_RESERVE_TOKENS = kv_cache.CONVERSATION_RESERVE_TOKENS
 
-
-@dataclass
-class Turn:
-    question: str
-    images: list  # prepared images (the pipeline's prepare_image results): PreparedImage or OgImage
-    answer: str = ""
-    answer_ids: list[int] = field(default_factory=list)  # ids generated here; empty for an answer given as text
+__all__ = ["Conversation", "ContextTooLong", "Turn", "transcript", "DEFAULT_RESERVE_TOKENS"]
 
 
 @dataclass
@@ -70,9 +68,13 @@ class _Live:
     """The kept generator and its fixed budget."""
 
     generator: object
-    max_length: int
+    kv: kv_cache.KVPlan
     sampling: tuple  # the og search options it was created with (other than its length): fixed for its life
     unfed_last_token: bool = False  # the last turn was cut by its budget: its last token still needs feeding
+
+    @property
+    def max_length(self) -> int:
+        return self.kv.max_length
 
     @property
     def seq_len(self) -> int:
@@ -120,38 +122,23 @@ class Conversation:
     def images(self) -> list:
         return [img for turn in self.turns for img in turn.images]
 
-    def ask(self, question: str, images: Sequence = ()) -> Iterator[TokenEvent | Notice | Finished]:
+    def ask(self, question: str, images: Sequence = (),
+            tokens: TranscriptIds | None = None) -> Iterator[TokenEvent | Notice | Finished]:
         """Answer the next user turn; continues the kept generator when it can, else re-prefills (with a Notice).
-        `images`: ImageInputs, or what prepare_image made of them."""
+        `images`: ImageInputs, or what prepare_image made of them. `tokens`: the transcript of the turns so far
+        and this one, already tokenized by the caller (the server's worker jobs)."""
         started = time.perf_counter()
         load_s = sum(img.load_s for img in images if isinstance(img, ImageInput))
         turn = Turn(question, [self.prepare_image(i) if isinstance(i, ImageInput) else i for i in images])
-        first_image = len(self.images) + 1
-        user = user_turn(question, first_image, len(images))  # validates the user's own image tags
-        live = self._live
-        continuation: list[int] | None = None
-        reason = None
-        if live is not None:
-            if images:
-                reason = "a new image needs the vision model, which runs only on a fresh generator"
-            elif live.sampling[-1] != self._sampling()[-1]:
-                reason = "the output constraint changed, and og fixes it when a generator is created"
-            elif live.sampling != self._sampling():
-                reason = "the sampling settings changed, and og fixes them when a generator is created"
-            elif self.settings.guidance is not None and live.unfed_last_token:
-                reason = "the last answer was cut before its output constraint was complete"
-            else:
-                continuation = self._continuation_ids(live, user)
-                if live.seq_len + len(continuation) + self.settings.max_new_tokens > live.max_length:
-                    reason = (f"the next turn would not fit the generator's budget of {live.max_length} tokens")
-                    continuation = None
+        user = user_turn(question, len(self.images) + 1, len(images))  # validates the user's own image tags
+        continuation, reason = self._continuation(images, user, tokens)
         if continuation is not None:
             yield from self._continue(turn, continuation, started)
-        else:
-            kept = self._fit(turn)  # refuses before anything changes
-            if reason:
-                yield Notice(f"re-prefilling the conversation: {reason}")
-            yield from self._prefill(turn, kept, started - load_s, reason)
+            return
+        kept, ids = (self.turns, tokens.ids) if tokens is not None else self._fit(turn)  # refuses before changes
+        if reason:
+            yield Notice(f"re-prefilling the conversation: {reason}")
+        yield from self._prefill(turn, kept, ids, started - load_s, reason, given=tokens is not None)
 
     def to_dict(self) -> dict:
         """The transcript, for /save."""
@@ -162,12 +149,34 @@ class Conversation:
 
     # -- the two ways a turn starts --------------------------------------------------------------------------------
 
+    def _continuation(self, images: Sequence, user: list[Segment],
+                      tokens: TranscriptIds | None) -> tuple[Sequence[int] | None, str | None]:
+        """The tokens that continue the kept generator, or None and why it cannot be continued (None: no
+        generator is kept)."""
+        live = self._live
+        if live is None:
+            return None, None
+        if images:
+            return None, "a new image needs the vision model, which runs only on a fresh generator"
+        if live.sampling[-1] != self._sampling()[-1]:
+            return None, "the output constraint changed, and og fixes it when a generator is created"
+        if live.sampling != self._sampling():
+            return None, "the sampling settings changed, and og fixes them when a generator is created"
+        if self.settings.guidance is not None and live.unfed_last_token:
+            return None, "the last answer was cut before its output constraint was complete"
+        ids = tokens.continuation if tokens is not None else None
+        if ids is None:
+            ids = self._continuation_ids(live, user)
+        if not kv_cache.fits_kept(live.kv, live.seq_len, len(ids), self.settings.max_new_tokens):
+            return None, f"the next turn would not fit the generator's budget of {live.max_length} tokens"
+        return ids, None
+
     def _continuation_ids(self, live: _Live, user: list[Segment]) -> list[int]:
         """The next turn's tokens: `<|end|>` (never in og's sequence, see above), then the user turn; no BOS, as
         they continue the prompt's last chunk."""
         return self.model.builder.tokenizer.encode([END, NEWLINE, *user], start=False).tolist()
 
-    def _continue(self, turn: Turn, ids: list[int], started: float) -> Iterator[TokenEvent | Finished]:
+    def _continue(self, turn: Turn, ids: Sequence[int], started: float) -> Iterator[TokenEvent | Finished]:
         live = self._live
         assert live is not None
         t_prefill = time.perf_counter()
@@ -179,72 +188,65 @@ class Conversation:
         except BaseException:  # Ctrl-C or an error mid-append: the cache may hold a turn the transcript lacks
             self._live = None  # the next turn re-prefills from the transcript
             raise
-        yield from self._decode(turn, live, started, t_prefill, preprocess_s=t_prefill - started,
-                                prompt_tokens=len(ids), image_tokens=(), kv_reused=True, reason=None)
+        yield from self._decode(turn, live, Prefilled(len(ids), (), t_prefill - started, t_prefill, kv_reused=True))
 
-    def _prefill(self, turn: Turn, kept: list[Turn], started: float,
-                 reason: str | None) -> Iterator[TokenEvent | Notice | Finished]:
+    def _prefill(self, turn: Turn, kept: list[Turn], ids: np.ndarray | None, started: float, reason: str | None,
+                 given: bool = False) -> Iterator[TokenEvent | Notice | Finished]:
         self._live = None  # free the old cache before allocating the new one
         images = [img for t in kept for img in t.images] + turn.images
-        inputs = self.pipeline.inputs(self._transcript(kept, turn), images, self.model)
-        prompt_tokens = inputs.prompt_tokens
-        self._check_fits(prompt_tokens)
-        max_length = min(self.model.info.context_length,
-                         prompt_tokens + self.settings.max_new_tokens + self.reserve_tokens)
-        generator = create_generator(self.model.og_model, self.settings, max_length,
-                                     self.model.policy.share_buffer)  # compiles a constraint, before the prefill
-        preprocess_s = time.perf_counter() - started
-
+        inputs = self.pipeline.inputs(self._transcript(kept, turn), images, self.model, ids)
+        kv = kv_cache.plan(self.model.info, inputs.prompt_tokens, self.settings.max_new_tokens, self.model.policy,
+                           self.reserve_tokens, subject="the conversation")
+        generator = create_generator(self.model.og_model, self.settings, kv.max_length,
+                                     kv.share_buffer)  # compiles a constraint, before the prefill
         t_prefill = time.perf_counter()
         generator.set_inputs(inputs.to_og())
-        self._live = _Live(generator=generator, max_length=max_length, sampling=self._sampling())
+        self._live = _Live(generator=generator, kv=kv, sampling=self._sampling())
+        if given:  # the cache holds the caller's tokens of the earlier answers: their text, not ids generated here
+            for t in kept:
+                t.answer_ids = []
         if len(kept) < len(self.turns):  # only now: a prefill interrupted before this point drops nothing
             dropped = len(self.turns) - len(kept)
             self.turns = kept
             yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context")
-        yield from self._decode(turn, self._live, started, t_prefill, preprocess_s=preprocess_s,
-                                prompt_tokens=prompt_tokens, image_tokens=inputs.image_tokens, kv_reused=False,
-                                reason=reason)
+        request = Prefilled(inputs.prompt_tokens, inputs.image_tokens, t_prefill - started, t_prefill,
+                            reprefill_reason=reason)
+        yield from self._decode(turn, self._live, request)
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def _decode(self, turn: Turn, live: _Live, started: float, t_prefill: float, *, preprocess_s: float,
-                prompt_tokens: int, image_tokens: tuple[int, ...], kv_reused: bool,
-                reason: str | None) -> Iterator[TokenEvent | Finished]:
-        eos = self.model.info.eos_token_id
-        generator = live.generator
-        tokens: list[int] = []
-        pieces: list[str] = []
-        clock = DecodeClock(t_prefill, t_prefill)
+    def _decode(self, turn: Turn, live: _Live, request: Prefilled) -> Iterator[TokenEvent | Finished]:
+        """The turn's answer through generation's core; the turn keeps what og holds, also after an early stop."""
         self.turns.append(turn)  # part of the transcript from now on, even if the consumer stops early
         turn_start = live.seq_len
+        answer = Answer()
+        settled = False
+
+        def settle() -> None:  # what og holds is the truth, also after Ctrl-C or an abandoned stream
+            nonlocal settled
+            settled = True
+            turn.answer = answer.text
+            turn.answer_ids = [int(t) for t in live.generator.get_sequence(0)[turn_start:]]
+            live.unfed_last_token = bool(answer.token_ids) and answer.token_ids[-1] != self.model.info.eos_token_id
+
         try:
-            for event in decode_tokens(generator, self.model.tokenizer, eos, self.settings.max_new_tokens, clock):
-                tokens.append(event.token_id)
-                pieces.append(event.text)
-                turn.answer = "".join(pieces)
+            events = decode_answer(self.model, live.generator, live.kv, request, answer, self.settings.max_new_tokens)
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as done:
+                    finished: Finished = done.value
+                    break
+                turn.answer = answer.text
                 yield event
         except GuidanceFailed:  # og's constraint state is broken: the next turn starts a fresh generator
             self._live = None
             raise
         finally:
-            # What og holds is the truth, also after Ctrl-C or an abandoned stream.
-            turn.answer_ids = [int(t) for t in generator.get_sequence(0)[turn_start:]]
-            live.unfed_last_token = bool(tokens) and tokens[-1] != eos
-
-        t_first, t_last = clock.t_first, clock.t_last
-        prefill_s, decode_s = t_first - t_prefill, t_last - t_first
-        stats = GenerationStats(
-            prompt_tokens=prompt_tokens, image_tokens=image_tokens, preprocess_s=preprocess_s, prefill_s=prefill_s,
-            time_to_first_token_s=t_first - started,
-            prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0, decode_s=decode_s,
-            decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
-            max_length=live.max_length, share_buffer=self.model.policy.share_buffer, cuda_graph=self.model.cuda_graph,
-            kv_cache_bytes=kv_cache_bytes(self.model.info, live.max_length), device=self.model.device,
-            kv_reused=kv_reused, reprefill_reason=reason, **model_timings(self.model, prefill_s))
-        self.last_stats = stats
-        yield Finished(text=turn.answer, token_ids=tuple(tokens), prompt="", stats=stats)
+            if not settled:
+                settle()
+        self.last_stats = finished.stats
+        yield Finished(text=turn.answer, token_ids=finished.token_ids, prompt="", stats=finished.stats)
 
     def _sampling(self) -> tuple:
         """What a generator is created with besides its length: the search options, then the output constraint
@@ -260,46 +262,30 @@ class Conversation:
 
     def count_tokens(self, turns: list[Turn], new: Turn) -> int:
         """Prompt tokens of a transcript, exactly, without building pixels."""
+        return len(self._tokenize(turns, new))
+
+    def _tokenize(self, turns: list[Turn], new: Turn) -> np.ndarray:
         images = [img for t in turns for img in t.images] + new.images
-        ids = self.model.builder.tokenizer.encode(self._transcript(turns, new),
-                                                  [self.pipeline.image_tokens(i) for i in images])
-        return len(ids)
+        return self.model.builder.tokenizer.encode(self._transcript(turns, new),
+                                                   [self.pipeline.image_tokens(i) for i in images])
 
-    def _check_fits(self, prompt_tokens: int) -> None:
+    def _fit(self, new: Turn) -> tuple[list[Turn], np.ndarray]:
+        """The most recent past turns that fit the context with the new turn and its answer (kv_cache.prompt_budget),
+        and their transcript's ids; with drop_old_turns off, all of them or ContextTooLong. Nothing changes here:
+        the caller applies it."""
         context = self.model.info.context_length
-        if prompt_tokens + 1 > context:
-            raise ContextTooLong(f"the conversation is {prompt_tokens} tokens (images included) but the model's "
-                                 f"context is {context}: it cannot fit with even one new token",
-                                 prompt_tokens + self.settings.max_new_tokens, context)
-
-    def _fit(self, new: Turn) -> list[Turn]:
-        """The most recent past turns that fit the context with the new turn and its answer; with
-        drop_old_turns off, all of them or ContextTooLong. Nothing changes here: the caller applies it."""
-        context = self.model.info.context_length
-        budget = context - min(self.settings.max_new_tokens, context // 2)
+        budget = kv_cache.prompt_budget(context, self.settings.max_new_tokens)
         kept = list(self.turns)
-        needed = self.count_tokens(kept, new)
-        if needed > budget and not self.drop_old_turns:
-            raise ContextTooLong(f"the conversation needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+        ids = self._tokenize(kept, new)
+        if len(ids) > budget and not self.drop_old_turns:
+            raise ContextTooLong(f"the conversation needs {len(ids)} prompt tokens + {self.settings.max_new_tokens} "
                                  f"for the answer, but the model's context is {context} tokens",
-                                 needed + self.settings.max_new_tokens, context)
-        while kept and needed > budget:
+                                 len(ids) + self.settings.max_new_tokens, context)
+        while kept and len(ids) > budget:
             kept.pop(0)
-            needed = self.count_tokens(kept, new)
-        if needed > budget:
-            raise ContextTooLong(f"this turn alone needs {needed} prompt tokens + {self.settings.max_new_tokens} "
+            ids = self._tokenize(kept, new)
+        if len(ids) > budget:
+            raise ContextTooLong(f"this turn alone needs {len(ids)} prompt tokens + {self.settings.max_new_tokens} "
                                  f"for the answer, but the model's context is {context} tokens: the conversation "
-                                 "is kept as it was", needed + self.settings.max_new_tokens, context)
-        return kept
-
-
-def transcript(system: str | None, turns: list[Turn], new: Turn) -> list[Segment]:
-    """The whole conversation as prompt segments: images numbered across turns, answers generated here as their
-    own ids, answers given as text as plain text."""
-    segments = system_turn(system)
-    number = 1
-    for t in turns:
-        segments += user_turn(t.question, number, len(t.images))
-        segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
-        number += len(t.images)
-    return segments + user_turn(new.question, number, len(new.images))
+                                 "is kept as it was", len(ids) + self.settings.max_new_tokens, context)
+        return kept, ids

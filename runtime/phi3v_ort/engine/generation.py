@@ -14,17 +14,20 @@ Timing boundaries (the same ones the benchmarks use):
 - decode: every later token, from the first token to the last;
 - load_s: how long loading the model took (once per process, not part of any request), and `warm`: whether the
   model was already loaded when the request came (False in-process: the command loaded it).
+A conversation's turn (conversation.py) has the same boundaries: its preprocess_s is everything before its prefill
+(image preparation, tokenization, creating the generator), its prefill the transcript or only the appended turn.
+Both run through `decode_answer` and get their stats from `measure_stats`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from phi3v_ort.inputs.images import ImageInput
 from phi3v_ort.inputs.pipeline import DEFAULT_PROCESSOR, ModelInputs, make_pipeline
-from phi3v_ort.engine.kv_cache import plan
+from phi3v_ort.engine.kv_cache import KVPlan, plan
 from phi3v_ort.engine.model import LoadedModel
 from phi3v_ort.inputs.prompt import build_prompt
 from phi3v_ort.engine.guidance import decode_failure, is_guidance_failure
@@ -52,38 +55,77 @@ def stream(model: LoadedModel, question: str, images: Sequence[ImageInput] = (),
 
 def stream_prepared(model: LoadedModel, prepared: ModelInputs,
                     settings: GenerationSettings = GenerationSettings()) -> Iterator[TokenEvent | Finished]:
-    """The generation loop for a prepared request."""
+    """A single answer for a prepared request: a generator sized exactly prompt + max_new_tokens (no reserve), freed
+    as soon as the answer ends (also when the consumer stops early)."""
     kv = plan(model.info, prepared.prompt_tokens, settings.max_new_tokens, model.policy)  # refuses before allocating
     generator = create_generator(model.og_model, settings, kv.max_length, kv.share_buffer)  # compiles a constraint
-    eos = model.info.eos_token_id
-    tokens: list[int] = []
-    pieces: list[str] = []
     try:
         t_prefill = time.perf_counter()
         generator.set_inputs(prepared.to_og())
-        clock = DecodeClock(t_prefill, t_prefill)
-        for event in decode_tokens(generator, model.tokenizer, eos, clock=clock):
-            tokens.append(event.token_id)
-            pieces.append(event.text)
-            yield event
+        request = Prefilled(prepared.prompt_tokens, prepared.image_tokens, prepared.preprocess_s, t_prefill,
+                            prompt=prepared.prompt)
+        finished = yield from decode_answer(model, generator, kv, request)
     finally:
-        del generator  # frees the KV cache at once, also when the consumer stops early
+        del generator  # frees the KV cache at once
+    yield finished
 
-    t_first, t_last = clock.t_first, clock.t_last
-    prefill_s = t_first - t_prefill
-    decode_s = t_last - t_first
-    stats = GenerationStats(
-        prompt_tokens=prepared.prompt_tokens, image_tokens=prepared.image_tokens,
-        preprocess_s=prepared.preprocess_s, prefill_s=prefill_s,
-        time_to_first_token_s=prepared.preprocess_s + prefill_s,
-        prefill_tokens_per_s=prepared.prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What a request fed the generator, and when: the facts its stats start from."""
+
+    prompt_tokens: int  # the tokens this request prefilled (a conversation's continuation: only its own)
+    image_tokens: tuple[int, ...]
+    preprocess_s: float  # everything before the prefill started (image loading, preparation, tokenization)
+    t_prefill: float  # perf_counter() when the prefill started
+    prompt: str = ""
+    kv_reused: bool = False
+    reprefill_reason: str | None = None
+
+
+@dataclass
+class Answer:
+    """The answer so far: the caller keeps it when the stream stops early (Ctrl-C, a client gone)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def decode_answer(model: LoadedModel, generator, kv: KVPlan, request: Prefilled, answer: Answer | None = None,
+                  max_new_tokens: int | None = None) -> Generator[TokenEvent, None, Finished]:
+    """The core every answer runs through (run, bench, chat, the workers): decode a prefilled generator, one
+    TokenEvent per token, and return the Finished answer with its stats (measure_stats)."""
+    answer = Answer() if answer is None else answer
+    clock = DecodeClock(request.t_prefill, request.t_prefill)
+    for event in decode_tokens(generator, model.tokenizer, model.info.eos_token_id, max_new_tokens, clock):
+        answer.token_ids.append(event.token_id)
+        answer.pieces.append(event.text)
+        yield event
+    stats = measure_stats(model, kv, request, clock, answer.token_ids)
+    return Finished(text=answer.text, token_ids=tuple(answer.token_ids), prompt=request.prompt, stats=stats)
+
+
+def measure_stats(model: LoadedModel, kv: KVPlan, request: Prefilled, clock: "DecodeClock",
+                  tokens: Sequence[int]) -> GenerationStats:
+    """The one stats builder. time_to_first_token_s = preprocess_s + prefill_s (prefill: set_inputs or the
+    appended turn, through the first token); decode: from the first token to the last."""
+    eos = model.info.eos_token_id
+    prefill_s = clock.t_first - request.t_prefill
+    decode_s = clock.t_last - clock.t_first
+    return GenerationStats(
+        prompt_tokens=request.prompt_tokens, image_tokens=request.image_tokens, preprocess_s=request.preprocess_s,
+        prefill_s=prefill_s, time_to_first_token_s=request.preprocess_s + prefill_s,
+        prefill_tokens_per_s=request.prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
         decode_s=decode_s,
         decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
         generated_tokens=len(tokens), finish_reason="stop" if tokens and tokens[-1] == eos else "length",
         max_length=kv.max_length, share_buffer=kv.share_buffer, cuda_graph=model.cuda_graph,
-        kv_cache_bytes=kv.bytes, device=model.device, **model_timings(model, prefill_s),
-    )
-    yield Finished(text="".join(pieces), token_ids=tuple(tokens), prompt=prepared.prompt, stats=stats)
+        kv_cache_bytes=kv.bytes, device=model.device, kv_reused=request.kv_reused,
+        reprefill_reason=request.reprefill_reason, **model_timings(model, prefill_s))
 
 
 def model_timings(model: LoadedModel, prefill_s: float) -> dict:

@@ -9,6 +9,14 @@
   copies the whole past into a new present every step, so the cost grows with the prompt.
 - CUDA graphs (og >= 0.14) are an opt-in on CUDA; no GPU was available to measure them, so they stay off.
 - A prompt that cannot fit (prompt + 1 token > context) is refused before anything is allocated.
+- A conversation's generator is kept across turns, so its buffer gets a reserve for the follow-ups beyond this
+  answer: 2048 tokens in `chat` (`--reserve-tokens`); for a worker's conversation (server, local batch, Ray) as much
+  as the answer again plus 256, at most 4096, so a short answer does not pin a 2048-token buffer in every kept
+  conversation and a long one cannot claim the whole context. A turn that would overflow the kept buffer starts
+  a fresh generator (conversation.py).
+- A conversation keeps at most the context less the answer's budget (capped at half the context, so a huge
+  max_new_tokens never leaves no room for the prompt) as its prompt; older turns are dropped or refused beyond.
+- `run` (a single answer) has no reserve: its buffer is exactly prompt + max_new_tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ if TYPE_CHECKING:
     from phi3v_ort.package.loading import PackageInfo
 
 CUDA_GRAPH_DEFAULT = False
+CONVERSATION_RESERVE_TOKENS = 2048  # chat's room for follow-up turns in the kept buffer
+JOB_RESERVE_EXTRA = 256  # a worker's conversation: the answer's budget again plus this ...
+JOB_RESERVE_MAX = 4096  # ... at most this
 
 
 @dataclass(frozen=True)
@@ -50,16 +61,39 @@ def kv_cache_bytes(info: "PackageInfo", length: int, batch: int = 1) -> int:
     return 2 * info.num_layers * batch * info.num_kv_heads * length * info.head_size * info.dtype_bytes
 
 
-def cannot_fit(prompt_tokens: int, context: int) -> str:
-    """The sentence for a prompt with no room for even one new token (also what a client of a server says)."""
-    return (f"the prompt is {prompt_tokens} tokens (images included) but the model's context is {context}: it "
+def cannot_fit(prompt_tokens: int, context: int, subject: str = "the prompt") -> str:
+    """The sentence for a prompt (or conversation) with no room for even one new token (also what a client of a
+    server says)."""
+    return (f"{subject} is {prompt_tokens} tokens (images included) but the model's context is {context}: it "
             "cannot fit with even one new token")
 
 
-def plan(info: "PackageInfo", prompt_tokens: int, max_new_tokens: int, policy: KVCachePolicy = KVCachePolicy()) -> KVPlan:
-    """Size the cache for one request, or refuse a prompt that cannot fit the context."""
+def plan(info: "PackageInfo", prompt_tokens: int, max_new_tokens: int, policy: KVCachePolicy = KVCachePolicy(),
+         reserve_tokens: int = 0, subject: str = "the prompt") -> KVPlan:
+    """Size the cache for one request (reserve 0) or a conversation's generator (prompt + answer + the reserve for
+    follow-up turns), capped at the context; refuse a prompt that cannot fit (ContextTooLong naming `subject`)."""
     if prompt_tokens + 1 > info.context_length:
-        raise ContextTooLong(cannot_fit(prompt_tokens, info.context_length), prompt_tokens + max_new_tokens,
+        raise ContextTooLong(cannot_fit(prompt_tokens, info.context_length, subject), prompt_tokens + max_new_tokens,
                              info.context_length)
-    max_length = min(prompt_tokens + max_new_tokens, info.context_length)
+    max_length = min(prompt_tokens + max_new_tokens + max(0, reserve_tokens), info.context_length)
     return KVPlan(max_length=max_length, share_buffer=policy.share_buffer, bytes=kv_cache_bytes(info, max_length))
+
+
+def job_reserve(max_new_tokens: int) -> int:
+    """The follow-up reserve of a worker's conversation (server, local batch, Ray batch)."""
+    return min(max_new_tokens + JOB_RESERVE_EXTRA, JOB_RESERVE_MAX)
+
+
+def fits_kept(kv: KVPlan, sequence_tokens: int, new_tokens: int, max_new_tokens: int) -> bool:
+    """Whether a turn of `new_tokens` and its answer fit the kept generator's fixed buffer."""
+    return sequence_tokens + new_tokens + max_new_tokens <= kv.max_length
+
+
+def prompt_budget(context_length: int, max_new_tokens: int) -> int:
+    """The most prompt tokens a conversation keeps: the context less the answer's room (at most half of it)."""
+    return context_length - min(max_new_tokens, context_length // 2)
+
+
+def answer_budget(context_length: int, prompt_tokens: int, wanted: int) -> int:
+    """A server request's max_new_tokens: what the client asked for, cut to what the context leaves."""
+    return min(wanted, context_length - prompt_tokens)

@@ -99,10 +99,14 @@ class InputBuilder:
         self.check_crops(num_crops)
         return prepare_image(image.image, num_crops, image.source)
 
-    def build(self, segments: Sequence[Segment], images: Sequence[PreparedImage]) -> ModelInputs:
-        """Prompt segments + prepared images (image k is images[k - 1]) -> the model's inputs."""
+    def build(self, segments: Sequence[Segment], images: Sequence[PreparedImage],
+              ids: np.ndarray | None = None) -> ModelInputs:
+        """Prompt segments + prepared images (image k is images[k - 1]) -> the model's inputs. `ids`: the segments'
+        ids when the caller has already tokenized them (they are not tokenized again)."""
         started = time.perf_counter()
-        ids = self.tokenizer.encode(segments, [img.tokens for img in images])[None, :]
+        if ids is None:
+            ids = self.tokenizer.encode(segments, [img.tokens for img in images])
+        ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
         if not images:
             return ModelInputs(render(segments), ids, None, None, None, time.perf_counter() - started)
         slots = self.slots_for(max(len(img.crops) for img in images))
@@ -145,8 +149,10 @@ class OwnPipeline:
     def image_tokens(self, image: PreparedImage) -> int:
         return image.tokens
 
-    def inputs(self, segments: Sequence[Segment], images: Sequence[PreparedImage], model=None) -> ModelInputs:
-        return self.builder.build(segments, images)
+    def inputs(self, segments: Sequence[Segment], images: Sequence[PreparedImage], model=None,
+               ids: np.ndarray | None = None) -> ModelInputs:
+        """The model's inputs; `ids`: the segments' ids, when the caller has already tokenized them."""
+        return self.builder.build(segments, images, ids)
 
 
 OG_MAX_SIDE = 16384  # og 0.18's decoder: "PNG dimensions exceed maximum allowed size" beyond (measured)
@@ -179,7 +185,9 @@ class OgPipeline:
         img, _ = decode(image.data, image.source)
         return contract.image_tokens_for(img.width, img.height)
 
-    def inputs(self, segments: Sequence[Segment], images: Sequence[OgImage], model=None) -> ModelInputs:
+    def inputs(self, segments: Sequence[Segment], images: Sequence[OgImage], model=None,
+               ids: np.ndarray | None = None) -> ModelInputs:
+        """og's processor tokenizes the prompt itself: `ids` (the runtime's tokenization) do not apply to it."""
         if model is None:
             raise Phi3vError("og's processor runs only where the model is loaded")
         for seg in segments:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from phi3v_ort.errors import Phi3vError
 
@@ -109,6 +109,38 @@ def answer_turn(answer: str | Sequence[int]) -> list[Segment]:
     else:
         body = [Tokens(tuple(int(t) for t in answer))] if len(answer) else []
     return [*body, END, NEWLINE]
+
+
+@dataclass
+class Turn:
+    """One user turn and the answer to it: the one turn type of a parsed request (images as the client sent them),
+    a worker's job and a conversation (images prepared for the model)."""
+
+    question: str
+    images: list  # ImageRefs in a parsed request; prepared images (PreparedImage / OgImage) once prepared
+    answer: str = ""
+    answer_ids: list[int] = field(default_factory=list)  # ids generated here; empty for an answer given as text
+
+
+def transcript(system: str | None, turns: Sequence[Turn], new: Turn) -> list[Segment]:
+    """The whole conversation as prompt segments: images numbered across turns, answers generated here as their
+    own ids, answers given as text as plain text."""
+    segments = system_turn(system)
+    number = 1
+    for t in turns:
+        segments += user_turn(t.question, number, len(t.images))
+        segments += answer_turn(t.answer_ids if t.answer_ids else t.answer)
+        number += len(t.images)
+    return segments + user_turn(new.question, number, len(new.images))
+
+
+def new_turn_start(segments: Sequence[Segment], new: Turn, turns: Sequence[Turn]) -> int | None:
+    """Where, in a transcript's segments, the newest turn's own part starts: the `<|end|>` that closes the last
+    answer (the tokens a kept generator is continued with, conversation.py); None for a first turn."""
+    if not turns:
+        return None
+    first_image = sum(len(t.images) for t in turns) + 1
+    return len(segments) - len(user_turn(new.question, first_image, len(new.images))) - 2
 
 
 def render(segments: Sequence[Segment], decode=None) -> str:

@@ -19,12 +19,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.inputs.prompt import Control, Image, Segment, Text, Tokens, check_unicode
+from phi3v_ort.inputs.prompt import Control, Image, Segment, Text, Tokens, Turn, check_unicode, new_turn_start,
+                                    transcript
+
+
+@dataclass(frozen=True)
+class TranscriptIds:
+    """A conversation's prompt, tokenized once by whoever prepared the request (the server, before it checks the
+    context), so the model's process does not tokenize it again."""
+
+    ids: np.ndarray  # int32 [n]: the whole transcript, what a fresh prefill feeds
+    turn_start: int | None  # where the newest turn's own tokens start (its `<|end|>` of the last answer); None: first
+
+    @property
+    def continuation(self) -> np.ndarray | None:
+        """The tokens a kept generator is continued with: exactly the suffix of a fresh prefill (tokens split at
+        control markers, so the split is exact)."""
+        return None if self.turn_start is None else self.ids[self.turn_start:]
 
 
 class PromptTokenizer:
@@ -68,6 +85,19 @@ class PromptTokenizer:
     def encode(self, segments: Sequence[Segment], image_tokens: Sequence[int] = (), start: bool = True) -> np.ndarray:
         """int32 [n] ids; image k's placeholders are -k, `image_tokens[k - 1]` of them. `start`: these segments
         begin a prompt (BOS first); a conversation's continuation does not."""
+        return self._encode(segments, image_tokens, start)[0]
+
+    def encode_conversation(self, system: str | None, turns: Sequence[Turn], new: Turn,
+                            image_tokens: Sequence[int] = ()) -> TranscriptIds:
+        """A conversation's transcript (prompt.transcript) in one pass, with where its newest turn starts."""
+        segments = transcript(system, turns, new)
+        ids, start = self._encode(segments, image_tokens, True, new_turn_start(segments, new, turns))
+        return TranscriptIds(ids, start)
+
+    def _encode(self, segments: Sequence[Segment], image_tokens: Sequence[int], start: bool,
+                mark: int | None = None) -> tuple[np.ndarray, int | None]:
+        """The ids, and where segment `mark` (a control marker) starts in them."""
+        position = None
         ids: list[int] = []
         run: list[str] = []
         strip_left = False  # the last marker absorbs the whitespace after it
@@ -85,7 +115,7 @@ class PromptTokenizer:
 
         if self.add_bos and start:
             ids.append(self.bos_id)
-        for seg in segments:
+        for index, seg in enumerate(segments):
             if isinstance(seg, Text):
                 run.append(seg.text)
             elif isinstance(seg, Control):
@@ -93,6 +123,8 @@ class PromptTokenizer:
                 if entry is None:
                     raise Phi3vError(f"the package's tokenizer has no token {seg.token}")
                 flush(bool(entry.get("lstrip")))
+                if index == mark:
+                    position = len(ids)
                 ids.append(int(entry["id"]))
                 strip_left = bool(entry.get("rstrip"))
             elif isinstance(seg, Tokens):
@@ -108,4 +140,6 @@ class PromptTokenizer:
             else:
                 raise TypeError(f"not a prompt segment: {seg!r}")
         flush()
-        return np.asarray(ids, dtype=np.int32)
+        if mark is not None and position is None:
+            raise ValueError(f"segment {mark} is not a control marker")
+        return np.asarray(ids, dtype=np.int32), position
