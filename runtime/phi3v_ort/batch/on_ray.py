@@ -127,6 +127,7 @@ class Answerer:
     def answer(self, row: dict) -> dict:
         """One row's result line (the local batch's), or its error line."""
         from phi3v_ort.engine.conversation import Conversation
+        from phi3v_ort.engine.kv_cache import job_reserve
 
         sources = row.get("images")
         sources = [] if sources is None else [sources] if isinstance(sources, (str, bytes)) else list(sources)
@@ -140,8 +141,8 @@ class Answerer:
             if row.get("max_new_tokens") is not None:
                 settings = replace(settings, max_new_tokens=int(row["max_new_tokens"]))
             crops = self.crops if row.get("crops") is None else int(row["crops"])
-            # as a local batch worker runs a job (worker._run_job): a fresh conversation, its budget, no history
-            conv = Conversation(self.model, settings, None, reserve_tokens=min(settings.max_new_tokens + 256, 4096),
+            # as a local batch worker runs a job (workers/process.py): a fresh conversation, its budget, no history
+            conv = Conversation(self.model, settings, None, reserve_tokens=job_reserve(settings.max_new_tokens),
                                 processor=self.processor, crops=crops, drop_old_turns=False)
             images = [conv.prepare_image(_load(src, label)) for src, label in zip(sources, labels)]
             finished = None

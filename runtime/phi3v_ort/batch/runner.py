@@ -516,6 +516,7 @@ def _run_locked(pool, pipeline, items: list[Item], output: Path, settings: Gener
 def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSettings) -> dict:
     """One item on the first idle worker (in a generation thread): its result line, or its error line."""
     from phi3v_ort.workers.pool import Job, run_job
+    from phi3v_ort.workers.protocol import batch_error
 
     base = {"id": item.id, "images": item.echoed_images, "question": item.question}
     try:
@@ -524,10 +525,8 @@ def _answer(pool, pipeline, item: Item, prepared: Future, settings: GenerationSe
         events, error, _ = run_job(worker, Job(request_id=f"batch-{item.id}", question=item.question,
                                                images=images, settings=settings, processor=pipeline.name,
                                                crops=pipeline.crops, keep=False))
-        if error and error["kind"] == "guidance":  # the same for every item: stop the run (before its prefill)
-            raise GuidanceError(error["message"])
         if error:
-            return {**base, "error": error["message"]}
+            return {**base, "error": batch_error(error)}  # a constraint og cannot compile stops the run
         finished = next(e for e in events if isinstance(e, Finished))
     except GuidanceError:
         raise

@@ -102,7 +102,8 @@ def batch(source: str, output: str, question: str | None, model: str | None, mod
                        retry_errors=retry_errors)
         _batch_summary(p, data, output)
         return
-    pool, pipeline = start_workers(model, model_dir, device, workers, threads, processor, crops, worker_memory_limit)
+    started = start_workers(model, model_dir, device, workers, threads, processor, crops, worker_memory_limit)
+    pool, pipeline = started.pool, started.pipeline
     show = sys.stderr.isatty()
 
     def progress(p) -> None:

@@ -40,26 +40,11 @@ def note_cuda_graph(cuda_graph: bool, device: str) -> None:
 
 def start_workers(model: str | None, model_dir: str | None, device: str, workers: int, threads: int | None,
                   processor: str = "own", crops: int | None = None, worker_memory_limit: str | None = None):
-    """The model in `workers` worker processes (the CPU threads divided among them), and this process's input
-    pipeline for the same package: the one way batch and serve get them."""
-    from phi3v_ort.package.device import gpu_count, resolve_device
-    from phi3v_ort.package.fetch import resolve_model_dir
-    from phi3v_ort.inputs.pipeline import make_pipeline
-    from phi3v_ort.engine.kv_cache import KVCachePolicy
-    from phi3v_ort.package.loading import default_threads, open_inputs, read_package
-    from phi3v_ort.workers import memory_limit
-    from phi3v_ort.workers.pool import WorkerPool, WorkerSpec
+    """workers.start_workers: the model in worker processes and this process's side of the package, read once
+    (imported when a command needs it, so the CLI starts without the runtime's imports)."""
+    from phi3v_ort.workers.pool import start_workers as start
 
-    limit = memory_limit.parse_size(worker_memory_limit) if worker_memory_limit is not None else None
-    info = read_package(resolve_model_dir(model, model_dir, device))
-    pipeline = make_pipeline(open_inputs(info), processor, crops)  # refuses a bad --crops before any worker starts
-    resolved = resolve_device(device)
-    threads = threads or (default_threads(workers) if resolved == "cpu" else None)
-    if worker_memory_limit is None:
-        limit = memory_limit.default_limit(resolved)
-    spec = WorkerSpec(str(info.path), resolved, KVCachePolicy(), threads, memory_limit=limit)
-    pool = WorkerPool(spec, workers, gpus=gpu_count() if resolved == "cuda" else 0).start()
-    return pool, pipeline
+    return start(model, model_dir, device, workers, threads, processor, crops, worker_memory_limit)
 
 
 def input_options(f: Callable) -> Callable:

@@ -63,16 +63,16 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
     sock = bind_socket(host, port)  # a port in use is one sentence now, before any model loads
     try:
         loading = time.perf_counter()
-        pool, _ = start_workers(model, model_dir, device, workers, threads, processor,
+        started = start_workers(model, model_dir, device, workers, threads, processor,
                                 worker_memory_limit=worker_memory_limit)
         load_s = time.perf_counter() - loading
     except BaseException:
         sock.close()
         raise
-    spec = pool.workers[0].spec
+    spec = started.pool.workers[0].spec
     name = model_name or model or Path(spec.model_dir).name
     limits = ServerLimits(max_queue=max_queue)
-    app = create_app(pool, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet)
+    app = create_app(started, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet)
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.inputs.prompt import Control, Image, Segment, Text, Tokens, Turn, check_unicode, new_turn_start,
-                                    transcript
+from phi3v_ort.inputs.prompt import (Control, Image, Segment, Text, Tokens, Turn, check_unicode, new_turn_start,
+                                     transcript)
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ from phi3v_ort.engine import guidance
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.engine.guidance import Guidance
 from phi3v_ort.engine.settings import INT32_MAX, SEED_MAX, GenerationSettings
-from phi3v_ort.engine.stop import StopStringFilter, check_stops  # noqa: F401 (StopStringFilter: app.py)
+from phi3v_ort.engine.stop import StopStringFilter, check_stops  # noqa: F401 (StopStringFilter: its old home)
 from phi3v_ort.server.extension import Extension, ExtensionError, parse_extension
 parse_extension
+from phi3v_ort.inputs.prompt import Turn
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; this bounds the work any later walk of the body does
 MAX_CROPS = 16
@@ -114,13 +115,7 @@ class ImageRef:
     url: str | None = None
 
 
-@dataclass
-class HistoryTurn:
-    """An earlier user turn and the assistant's answer to it."""
-
-    question: str
-    images: list[ImageRef]
-    answer: str = ""
+HistoryTurn = Turn  # an earlier user turn and the assistant's answer; images as ImageRefs (the one turn type)
 
 
 @dataclass
