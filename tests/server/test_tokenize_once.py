@@ -88,7 +88,7 @@ def test_a_request_is_tokenized_once_across_the_process_boundary(served, png, ti
     assert job2.tokens.continuation[0] == 32007  # the follow-up's own tokens start with the last answer's <|end|>
 
     # The worker's side, in this process: the same two jobs through the worker's own loop feed the ids they carry
-    from phi3v_ort.package.loading import load_model
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.workers.process import JobRunner
 
     runner = JobRunner(load_model(tiny_dir, "cpu", threads=1), WorkerSpec(str(tiny_dir), "cpu", threads=1), Pipe())
