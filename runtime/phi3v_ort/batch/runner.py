@@ -30,7 +30,7 @@ Output
   of ids that are not in this run's input neither count nor change.
 
 Generation
-- The model runs in worker processes (worker.py; `workers` of them, each with its own model and its share of the
+- The model runs in worker processes (workers/; `workers` of them, each with its own model and its share of the
   CPU threads): og 0.18 holds the GIL for each whole call, so in one process nothing else runs during a prefill.
 - With an output constraint (settings.guidance), a line carries `parsed` (a JSON schema's value); an answer cut
   by the token budget before its structure was complete is an error line (with `partial_answer`), and a
@@ -446,7 +446,7 @@ def open_output(output: Path, plan: Plan):
 def run_batch(pool, pipeline, items: list[Item], output: Path, settings: GenerationSettings,
               prepare_threads: int = 2, prefetch: int = 4, on_progress=None, *, bad: Sequence[BadLine] = (),
               retry_errors: bool = True) -> Progress:
-    """Answer every item not yet answered in `output` with the started worker.WorkerPool `pool`, appending one
+    """Answer every item not yet answered in `output` with the started workers.pool.WorkerPool `pool`, appending one
     JSON line per item; `pipeline` (inputs.make_pipeline) prepares the images here.
 
     `bad` input lines with an id get an `error` line; ids whose last line is an error are run again (their old
