@@ -21,6 +21,7 @@ from phi3v_ort.engine.events import Finished, GenerationStats
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.server.http_client import post_json, sse_data
+from phi3v_ort.inputs.prompt import Turn
 
 CONTEXT_MESSAGE = re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
                              r"\((\d+) in the messages")
@@ -45,13 +46,7 @@ class TextDelta:
     text: str
 
 
-@dataclass(frozen=True)
-class HistoryTurn:
-    """An earlier turn of a chat: the question, its images (ImageInputs) and the answer text."""
-
-    question: str
-    images: Sequence
-    answer: str
+HistoryTurn = Turn  # an earlier turn of a chat: question, its images (ImageInputs), answer text (the one turn type)
 
 
 def data_uri(data: bytes) -> str:
