@@ -26,7 +26,7 @@ def needs_ray(test):
 
 
 TIMINGS = {"preprocess_s", "prefill_s", "time_to_first_token_s", "prefill_tokens_per_s", "decode_s",
-           "decode_tokens_per_s"}
+           "decode_tokens_per_s", "load_s", "vision_embedding_prefill_s"}
 
 
 @pytest.fixture(scope="module")

@@ -383,6 +383,15 @@ def check_package(package_dir: str | Path, checkpoint_dir: str | Path, *, adapte
     if ref.shape != ours.shape:
         return failed(f"the engines' logits differ in shape: og {ours.shape}, torch {ref.shape}", run,
                       og_load_s=run.load_s, og_run_s=run.run_s, torch_load_s=torch_load_s, torch_run_s=torch_run_s)
+    return _verdict(run, ref, eos, tolerance, base, torch_load_s, torch_run_s)  # the caller prints its summary()
+
+
+
+def _verdict(run: _OgRun, ref: np.ndarray, eos, tolerance: float | None, base: dict, torch_load_s: float,
+             torch_run_s: float) -> CheckReport:
+    """og's logits against the reference's: greedy agreement (end tokens masked on the reference side, as og stops
+    there), the largest difference relative to the largest reference logit, and the verdict for `tolerance`."""
+    ours = run.logits
     finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
     masked = ref.copy()
     masked[:, list(eos)] = -np.inf
@@ -404,8 +413,7 @@ def check_package(package_dir: str | Path, checkpoint_dir: str | Path, *, adapte
                          passed=passed, og_tokens=tuple(run.tokens), reference_tokens=ref_tokens,
                          og_load_s=run.load_s, og_run_s=run.run_s, torch_load_s=torch_load_s,
                          torch_run_s=torch_run_s)
-    return report  # the caller prints report.summary()
-
+    return report
 
 
 def _describe(exc: BaseException) -> str:

@@ -120,31 +120,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
             merged = _export_embeddings(ckpt, adapter, staging, names, v)
             phases["vision_and_embedding"] = time.perf_counter() - t
 
-            t = time.perf_counter()
-            from phi3v_ort.export.decoder import finish_decoder, run_builder, stage_decoder
-
-            peak.phase = "decoder_staging"
-            log("decoder: staging the weights for onnxruntime-genai's model builder")
-            dtype = stage_decoder(ckpt, work / "hf", lora)
-            left = sorted(set(lora.unmerged()) - set(merged)) if lora is not None else []
-            if left:
-                raise ExportError(f"the adapter targets {left[0]}, which the export never saw")
-            release_memory()
-            phases["decoder_staging"] = time.perf_counter() - t
-            t = time.perf_counter()
-            peak.phase = "decoder_builder"
-            log(f"decoder: running the model builder ({v.builder_precision}, {v.provider}; weights staged as "
-                f"{dtype})")
-            built, float_decoder = run_builder(work / "hf", v, names.decoder, work)
-            phases["decoder_builder"] = time.perf_counter() - t
-            if v.precision == "int4":
-                log(f"decoder: int4 RTN quantization, block {INT4_BLOCK_SIZE}"
-                    + (f", accuracy level {v.accuracy_level}" if v.accuracy_level else "") + ", one weight at a time")
-            t = time.perf_counter()
-            peak.phase = "decoder_quantize" if v.precision == "int4" else "decoder_place"
-            finish_decoder(float_decoder, staging, v)
-            phases[peak.phase] = time.perf_counter() - t
-            peak.phase = None
+            built = _export_decoder(ckpt, lora, merged, work, staging, v, names, peak, phases, log)
             shutil.rmtree(work, ignore_errors=True)
 
             from phi3v_ort.export.metadata import copy_tokenizer, genai_config, processor_config, write_json
@@ -161,21 +137,55 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, variant: str = "c
         phases["export"] = time.perf_counter() - started
         log(f"exported {out} in {phases['export']:.0f}s")
 
-    report, check_peak = None, None
-    if check:
-        from phi3v_ort.export.check import check_package
-
-        t = time.perf_counter()
-        with PeakMemory() as during_check:
-            report = check_package(out, ckpt.path, adapter_dir=adapter, precision=v.precision, threads=threads,
-                                   log=log)
-        phases["check"] = time.perf_counter() - t
-        check_peak = during_check.peak_pss
+    report, check_peak = _run_check(out, ckpt, adapter, v, threads, phases, log) if check else (None, None)
     return ExportResult(path=out, variant=v.name, family=ckpt.family, adapter=str(adapter) if adapter else None,
                         phases_s={k: round(s, 2) for k, s in phases.items()},
                         seconds=round(time.perf_counter() - started, 2), peak_pss_bytes=peak.peak_pss,
                         peak_system_used_bytes=peak.peak_system_used, phase_peak_pss_bytes=dict(peak.phases),
                         check_peak_pss_bytes=check_peak, check=report)
+
+
+def _export_decoder(ckpt: Checkpoint, lora, merged: list[str], work: Path, staging: Path, v: Variant, names, peak,
+                    phases: dict, log) -> dict:
+    """The decoder: weights staged (the adapter merged), og's model builder, then int4 (or the float model placed)
+    into `staging`; each phase timed and its peak memory sampled. Returns the genai_config the builder wrote."""
+    t = time.perf_counter()
+    from phi3v_ort.export.decoder import finish_decoder, run_builder, stage_decoder
+
+    peak.phase = "decoder_staging"
+    log("decoder: staging the weights for onnxruntime-genai's model builder")
+    dtype = stage_decoder(ckpt, work / "hf", lora)
+    left = sorted(set(lora.unmerged()) - set(merged)) if lora is not None else []
+    if left:
+        raise ExportError(f"the adapter targets {left[0]}, which the export never saw")
+    release_memory()
+    phases["decoder_staging"] = time.perf_counter() - t
+    t = time.perf_counter()
+    peak.phase = "decoder_builder"
+    log(f"decoder: running the model builder ({v.builder_precision}, {v.provider}; weights staged as "
+        f"{dtype})")
+    built, float_decoder = run_builder(work / "hf", v, names.decoder, work)
+    phases["decoder_builder"] = time.perf_counter() - t
+    if v.precision == "int4":
+        log(f"decoder: int4 RTN quantization, block {INT4_BLOCK_SIZE}"
+            + (f", accuracy level {v.accuracy_level}" if v.accuracy_level else "") + ", one weight at a time")
+    t = time.perf_counter()
+    peak.phase = "decoder_quantize" if v.precision == "int4" else "decoder_place"
+    finish_decoder(float_decoder, staging, v)
+    phases[peak.phase] = time.perf_counter() - t
+    peak.phase = None
+    return built
+
+
+def _run_check(out: Path, ckpt: Checkpoint, adapter, v: Variant, threads: int | None, phases: dict, log):
+    """The built-in check of the finished package against the torch reference, with its own peak memory."""
+    from phi3v_ort.export.check import check_package
+
+    t = time.perf_counter()
+    with PeakMemory() as during_check:
+        report = check_package(out, ckpt.path, adapter_dir=adapter, precision=v.precision, threads=threads, log=log)
+    phases["check"] = time.perf_counter() - t
+    return report, during_check.peak_pss
 
 
 def _export_embeddings(ckpt: Checkpoint, adapter, staging: Path, names, v: Variant) -> list[str]:
