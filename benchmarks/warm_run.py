@@ -50,7 +50,7 @@ def run_once(model_dir: str, question: str, images: list[str], warm: bool, max_n
 
 
 def start_server(model_dir: str, env: dict, log: Path) -> subprocess.Popen:
-    from phi3v_ort.server import registry
+    from phi3v_ort.client import registry
 
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "serve", "--model-dir", model_dir, "--port",

@@ -20,7 +20,7 @@ from PIL import Image
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-int4-cpu"
 
 # `run` and `chat` answer through a running `phi3v-ort serve` of the same model when they find one (its state file:
-# phi3v_ort/server/registry.py). Tests see neither the user's servers nor each other's (the `served` fixture's), and
+# phi3v_ort/client/registry.py). Tests see neither the user's servers nor each other's (the `served` fixture's), and
 # leave no state file behind: a folder of this run's own, and no server unless a test asks for one
 # (tests/cli/test_warm_server.py). Set here, at import, so every subprocess a test starts inherits it.
 STATE_DIR = tempfile.mkdtemp(prefix="phi3v-ort-state-")

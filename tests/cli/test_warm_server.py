@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from phi3v_ort.cli import cli
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.server import registry
-from phi3v_ort.server.discovery import Wanted, choose, mismatch
+from phi3v_ort.client import registry
+from phi3v_ort.client.discovery import Wanted, choose, mismatch
 from phi3v_ort.server.idle import parse_duration
-from phi3v_ort.server.registry import ServerRecord
+from phi3v_ort.client.registry import ServerRecord
 
 pytest.importorskip("starlette", reason="the server needs the serve extra")
 

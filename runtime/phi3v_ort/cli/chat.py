@@ -50,7 +50,7 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
     phase = Phase(sys.stderr)  # only when stderr is a terminal
     client = pick_server(server, model, model_dir, device, threads, processor, settings, loaded_images)
     if client is not None:  # a running server answers (it keeps the KV cache between turns itself)
-        from phi3v_ort.server.served_chat import ServedConversation
+        from phi3v_ort.client.chat import ServedConversation
 
         conversation = ServedConversation(client, settings, system, processor, crops)
     else:

@@ -1,4 +1,4 @@
-"""`phi3v-ort ps` and `phi3v-ort stop`: the servers running on this machine (their state files: server/registry.py)."""
+"""`phi3v-ort ps` and `phi3v-ort stop`: the servers running on this machine (their state files: client/registry.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def ps(as_json: bool) -> None:
     import json
     from dataclasses import asdict
 
-    from phi3v_ort.server.registry import running
+    from phi3v_ort.client.registry import running
 
     now = time.time()
     servers = running(ready_only=False)
@@ -71,7 +71,7 @@ def stop(target: str | None, stop_all: bool, timeout: float) -> None:
       phi3v-ort stop 12345
       phi3v-ort stop --all
     """
-    from phi3v_ort.server.control import select, stop_server
+    from phi3v_ort.client.control import select, stop_server
 
     if stop_all and target:
         raise Phi3vError("give either a MODEL or PID, or --all")

@@ -1,5 +1,5 @@
 """`run` and `chat` through a running server: the options that choose one (`--server`, `--no-server`,
-`--api-key`, `--keep-alive`), the choice (server/discovery.py) and `run`'s answer printed from the server's
+`--api-key`, `--keep-alive`), the choice (client/discovery.py) and `run`'s answer printed from the server's
 stream exactly as the in-process path prints its own."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def pick_server(server: ServerOptions, model: str | None, model_dir: str | None,
     was there)."""
     if server.mode == "off":
         return None
-    from phi3v_ort.server.discovery import Wanted, choose, resolved
+    from phi3v_ort.client.discovery import Wanted, choose, resolved
 
     if server.mode == "auto":
         from phi3v_ort.package.fetch import resolve_model_dir
@@ -84,7 +84,7 @@ def pick_server(server: ServerOptions, model: str | None, model_dir: str | None,
         click.echo(choice.note, err=True)
     if choice.url is None:
         return None
-    from phi3v_ort.server.client import ServerClient
+    from phi3v_ort.client.answer import ServerClient
 
     return ServerClient(choice.url, server.api_key)
 
@@ -126,7 +126,7 @@ def answer_through_server(client, server: ServerOptions, question: str, images, 
     from phi3v_ort.cli.output import answer_json, format_stats
     from phi3v_ort.engine import guidance
     from phi3v_ort.engine.events import Finished
-    from phi3v_ort.server.client import ServerUnavailable
+    from phi3v_ort.client.answer import ServerUnavailable
 
     out = sys.stdout
     finished = None

@@ -1,6 +1,6 @@
 """What generation yields (generation.py, conversation.py, the worker processes, a server's client): a
 `TokenEvent` per token, `Notice`s, and one `Finished` with the answer and its `GenerationStats`. Plain dataclasses
-with no heavy import, so a client of a running server (server/client.py) starts without numpy or onnxruntime."""
+with no heavy import, so a client of a running server (client/answer.py) starts without numpy or onnxruntime."""
 
 from __future__ import annotations
 

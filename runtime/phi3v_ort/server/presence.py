@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from phi3v_ort.server import registry
+from phi3v_ort.client import registry
 from phi3v_ort.server.idle import Activity, ActivityState, exit_when_idle
-from phi3v_ort.server.registry import ServerRecord
+from phi3v_ort.client.registry import ServerRecord
 
 LOG_ENV = "PHI3V_ORT_SERVER_LOG"  # set by a parent that started this server in the background: where its log goes
 

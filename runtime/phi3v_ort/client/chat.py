@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from phi3v_ort.engine.events import Finished, Notice
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.package import contract
-from phi3v_ort.server.client import HistoryTurn, PromptTooLong, ServerClient, TextDelta
+from phi3v_ort.client.answer import HistoryTurn, PromptTooLong, ServerClient, TextDelta
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.server import registry
-from phi3v_ort.server.registry import ServerRecord
+from phi3v_ort.client import registry
+from phi3v_ort.client.registry import ServerRecord
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range, which the server's request parser enforces
 MAX_TOP_K = 100_000
@@ -98,7 +98,7 @@ def choose(mode: str, wanted: Wanted, api_key: str | None = None, keep_alive_s: 
         note = note or (f"Note: the server at {record.url} for this model cannot honour {problem}: running "
                         "in-process.")
     if keep_alive_s is not None and wanted.model_dir is not None and wanted.share_buffer and not wanted.cuda_graph:
-        from phi3v_ort.server.background import start_server
+        from phi3v_ort.client.background import start_server
 
         record = start_server(wanted.model_dir, wanted.device, wanted.threads, wanted.processor, keep_alive_s)
         problem = request_limits(wanted, record)
@@ -113,7 +113,7 @@ def choose(mode: str, wanted: Wanted, api_key: str | None = None, keep_alive_s: 
 def _given(url: str, wanted: Wanted, api_key: str | None) -> Choice:
     """An explicit --server URL: checked against its state file when it is a local server of ours; a server
     this machine knows nothing about is trusted with the model, but not with options it cannot be asked for."""
-    from phi3v_ort.server.http_client import base_url
+    from phi3v_ort.client.transport import base_url
 
     url = base_url(url)
     record = next((r for r in registry.recorded() if r.url == url), None)

@@ -120,7 +120,7 @@ def recorded() -> list[ServerRecord]:
 def health(url: str, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
     """GET /health as a dict (a 503 included: the server answers, its workers are down); None when it does not
     answer in time. Raises ConnectionRefusedError when nothing listens there."""
-    from phi3v_ort.server.http_client import get_json
+    from phi3v_ort.client.transport import get_json
 
     try:
         return get_json(url, "/health", timeout=timeout)[1]

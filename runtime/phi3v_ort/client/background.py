@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.server import registry
+from phi3v_ort.client import registry
 from phi3v_ort.server.presence import LOG_ENV
-from phi3v_ort.server.registry import ServerRecord
+from phi3v_ort.client.registry import ServerRecord
 
 READY_TIMEOUT_S = 1800.0  # the real model from a slow disk onto a GPU takes minutes; a dead process ends it sooner
 POLL_S = 0.05

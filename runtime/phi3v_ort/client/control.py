@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.server import registry
-from phi3v_ort.server.registry import ServerRecord
+from phi3v_ort.client import registry
+from phi3v_ort.client.registry import ServerRecord
 
 
 def matches(record: ServerRecord, target: str) -> bool:

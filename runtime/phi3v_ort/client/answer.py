@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from phi3v_ort.engine.events import Finished, GenerationStats
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
-from phi3v_ort.server.http_client import post_json, sse_data
+from phi3v_ort.client.transport import post_json, sse_data
 from phi3v_ort.inputs.prompt import Turn
 
 CONTEXT_MESSAGE = re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
@@ -100,7 +100,7 @@ class ServerClient:
     """One server, as a source of answers."""
 
     def __init__(self, url: str, api_key: str | None = None):
-        from phi3v_ort.server.http_client import base_url
+        from phi3v_ort.client.transport import base_url
 
         self.url = base_url(url)
         self.api_key = api_key
