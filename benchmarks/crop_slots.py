@@ -76,10 +76,10 @@ def vision_sweep(engines: dict, reps: int) -> list[dict]:
     return rows
 
 
-def time_to_first_token(engines: dict, reps: int) -> list[dict]:
+def time_to_first_token(engines: dict, reps: int, configs=TTFT_CONFIGS) -> list[dict]:
     data = chart_image(640, 400)
     rows = []
-    for processor, crops in TTFT_CONFIGS:
+    for processor, crops in configs:
         print(f"time to first token: {processor} {crops} crops", file=sys.stderr, flush=True)
         samples = interleaved(engines, reps, lambda name, e: first_token(e.model, data, processor, crops))
         row = {"processor": processor, "crops": crops, "prompt_tokens": samples["dynamic"][0]["prompt_tokens"],
@@ -129,8 +129,12 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True, help="A package whose vision crop axis is dynamic.")
     parser.add_argument("--out", required=True, help="Result path without extension (.json and .md are written).")
     parser.add_argument("--ttft-reps", type=int, default=3)
-    parser.add_argument("--sweep-reps", type=int, default=3)
+    parser.add_argument("--sweep-reps", type=int, default=3, help="0: no vision sweep.")
+    parser.add_argument("--crops", default=None, metavar="N,N,...",
+                        help="Only these crop budgets in the time-to-first-token table (own processor) [default: "
+                        "1,4,8,16 and og's 16].")
     args = parser.parse_args()
+    configs = TTFT_CONFIGS if args.crops is None else tuple(("own", int(c)) for c in args.crops.split(","))
 
     model_dir = Path(args.model_dir).resolve()
     with tempfile.TemporaryDirectory(prefix="phi3v-crop-slots-") as tmp:
@@ -144,11 +148,11 @@ def main() -> None:
                                "image": "chart 640x400 PNG (bench.common.chart_image)"},
                   "environment": environment(),
                   "load_s": {name: e.load_s for name, e in engines.items()}}
-        result["ttft"] = time_to_first_token(engines, args.ttft_reps)
+        result["ttft"] = time_to_first_token(engines, args.ttft_reps, configs)
         for r in result["ttft"]:
             h, w = contract.hd_size(640, 400, r["crops"])
             r["rows_cols"] = (h // 336) * (w // 336)
-        result["vision_sweep"] = vision_sweep(engines, args.sweep_reps)
+        result["vision_sweep"] = vision_sweep(engines, args.sweep_reps) if args.sweep_reps else []
     write_result(args.out, result, markdown(result))
 
 
