@@ -184,7 +184,7 @@ def app_client(tiny_dir):
     from phi3v_ort.workers.pool import WorkerSpec
 
     app = create_app(WorkerSpec(str(tiny_dir)), "tiny")
-    yield TestClient(app, raise_server_exceptions=False)
+    yield TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     app.state.pool.close()
 
 

@@ -167,7 +167,7 @@ def test_bounded_load(server):
 def app_client(tiny_dir):
     limits = ServerLimits(max_body_bytes=2 * 2**20, max_images=2, max_image_bytes=1 * 2**20)
     app = create_app(WorkerSpec(str(tiny_dir)), "tiny", limits=limits)
-    yield TestClient(app, raise_server_exceptions=False)
+    yield TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     app.state.pool.close()
 
 
@@ -238,7 +238,7 @@ def test_bad_image_tag_is_refused_before_the_stream_starts(app_client):
 
 def test_remote_images_never_reach_private_addresses(tiny_dir):
     app = create_app(WorkerSpec(str(tiny_dir)), "tiny", allow_remote_images=True)
-    c = TestClient(app, raise_server_exceptions=False)
+    c = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     for url in ("http://127.0.0.1:9/a.png", "http://169.254.169.254/latest", "http://10.0.0.1/x.png",
                 "http://localhost/x.png", "http://[::1]/x.png"):
         r = _post(c, {"messages": [{"role": "user", "content": [_image_part(url)]}]})
@@ -248,7 +248,7 @@ def test_remote_images_never_reach_private_addresses(tiny_dir):
 
 def test_auth(tiny_dir):
     app = create_app(WorkerSpec(str(tiny_dir)), "tiny", api_key="s3cret")
-    c = TestClient(app, raise_server_exceptions=False)
+    c = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert _post(c, body).status_code == 401
     assert _post(c, body, headers={"Authorization": "Bearer wrong"}).status_code == 401

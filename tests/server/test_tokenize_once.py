@@ -62,7 +62,7 @@ def served(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(Worker, "submit", keeping)
     app = create_app(WorkerSpec(str(tiny_dir), "cpu", threads=1), "tiny")
-    yield TestClient(app), jobs
+    yield TestClient(app, base_url="http://localhost"), jobs
     app.state.pool.close()
 
 

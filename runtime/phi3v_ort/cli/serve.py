@@ -30,12 +30,16 @@ from phi3v_ort.errors import missing_extra
               help="Requests waiting for a worker; beyond: 429.")
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
 @click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
+@click.option("--allowed-hosts", "allowed_hosts_", multiple=True, metavar="NAMES",
+              help="Host names the server answers besides loopback ones and IP addresses (comma-separated or "
+              "repeated; '*': any): it refuses others (403) against DNS rebinding.")
 @click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
 @click.option("--idle-exit", default=None, metavar="DURATION",
               help="Exit after DURATION without requests (30s, 5m, 1h): what `run --keep-alive` starts.")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
           workers: int, threads: int | None, worker_memory_limit: str | None, processor: str, max_queue: int,
-          allow_remote_images: bool, model_name: str | None, quiet: bool, idle_exit: str | None) -> None:
+          allow_remote_images: bool, model_name: str | None, allowed_hosts_: tuple[str, ...], quiet: bool,
+          idle_exit: str | None) -> None:
     """An OpenAI-compatible server with a web page; the models run in worker processes.
 
     Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
@@ -72,7 +76,11 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
     spec = started.pool.workers[0].spec
     name = model_name or model or Path(spec.model_dir).name
     limits = ServerLimits(max_queue=max_queue)
-    app = create_app(started, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet)
+    from phi3v_ort.server.guard import allowed_hosts
+
+    hosts = allowed_hosts(host, [h for given in allowed_hosts_ for h in given.split(",")])
+    app = create_app(started, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet,
+                     hosts=hosts)
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"

@@ -26,6 +26,8 @@ completions.py is one chat completion (admit -> submit -> collect or stream); se
   worker has created its generator), and an answer cut by max_tokens ends with finish_reason "length".
 - Reuse: a request whose messages extend a conversation answered recently is sent to the worker that keeps its
   generator (conversation.py) and continues it instead of re-prefilling.
+- Web pages: only the Host names it was told (loopback by default) and only JSON POSTs to the API (guard.py), so
+  a page on another site can neither rebind a name to it nor post a form to it.
 - GET / is a single self-contained page to try the model in a browser (web.py: inline HTML, CSS and JS, no
   network beyond this server); responses to chat requests carry `X-Phi3v-Image-Tokens` (per image, the whole
   conversation's) for it.
@@ -49,6 +51,7 @@ from phi3v_ort.errors import ContextTooLong, Phi3vError
 from phi3v_ort.package.loading import read_package
 from phi3v_ort.server.access_log import AccessLog
 from phi3v_ort.server.completions import Completion, error_response
+from phi3v_ort.server.guard import RequestGuard, allowed_hosts
 from phi3v_ort.server.openai_request import ApiError
 from phi3v_ort.server.service import Service, ServerLimits
 from phi3v_ort.workers.pool import StartedWorkers, WorkerPool, WorkerSpec
@@ -77,10 +80,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str = "phi-3-vision",
                api_key: str | None = None, limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False,
-               workers: int = 1, processor: str = "own", access_log: bool = True, log_stream=None) -> Starlette:
+               workers: int = 1, processor: str = "own", access_log: bool = True, log_stream=None,
+               hosts: frozenset[str] | None = None) -> Starlette:
     """The app over started workers (workers.start_workers: the package already read), a started WorkerPool, or a
     WorkerSpec (`workers` of them are started here); `access_log`: one line per request on `log_stream` (default
-    stderr)."""
+    stderr); `hosts`: the Host names it answers (guard.allowed_hosts; default: loopback ones)."""
     info = builder = None
     if isinstance(pool, StartedWorkers):
         pool, info, builder = pool.pool, pool.info, pool.builder
@@ -88,9 +92,11 @@ def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str =
         pool = WorkerPool(pool, workers).start()
     info = info or read_package(pool.workers[0].spec.model_dir)
     service = Service(pool, info, limits, allow_remote_images, processor, builder, api_key)
+    middleware = [Middleware(AccessLog, stream=log_stream)] if access_log else []
+    middleware.append(Middleware(RequestGuard, allowed=hosts if hosts is not None else allowed_hosts()))
     app = Starlette(routes=routes(service, model_name),
                     exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
-                    middleware=[Middleware(AccessLog, stream=log_stream)] if access_log else [])
+                    middleware=middleware)
     app.state.service = service
     app.state.pool = pool
     return app
