@@ -1,4 +1,10 @@
-"""The server's access log: one line per HTTP request on stderr, written when its response has ended."""
+"""The server's access log: one line per HTTP request on stderr, written when its response has ended.
+
+What the client chose (method, path, query) is escaped before it is written: a `%0a` in a path would otherwise
+write a line of the client's making, and `%1b[` would send escape sequences to the operator's terminal. Control
+and other unprintable characters (and spaces) become `\\xHH` / `\\uHHHH`, `"` and `\\` get a backslash (nginx's
+manner), so a request is always exactly one line whose quoted part ends where it seems to.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,23 @@ import sys
 import time
 
 LOG_KEY = "phi3v.log"  # the scope entry where a route leaves what the access log reports (tokens, first token)
+
+
+def escape(text: str) -> str:
+    """`text` safe for one log line and one field of it: unprintable characters and spaces as `\\xHH` / `\\uHHHH`,
+    `"` and `\\` escaped."""
+    if text.isprintable() and not any(c in text for c in '"\\ '):
+        return text
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c.isprintable() and c != " ":
+            out.append(c)
+        else:
+            code = ord(c)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 class AccessLog:
@@ -50,7 +73,8 @@ class AccessLog:
 
         first = record.get("first_token")
         ttft = "-" if first is None else f"{(first - record['started']) * 1000:.0f}"
-        line = (f"{client[0] if client else '-'} \"{scope.get('method', '-')} {path}\" {status} "
+        method = escape(scope.get("method", "-"))
+        line = (f"{escape(client[0]) if client else '-'} \"{method} {escape(path)}\" {status} "
                 f"prompt_tokens={figure('prompt_tokens')} completion_tokens={figure('completion_tokens')} "
                 f"ttft_ms={ttft} total_ms={total_s * 1000:.0f}")
         try:
