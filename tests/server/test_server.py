@@ -27,6 +27,9 @@ from phi3v_ort.server.app import ServerLimits, create_app  # noqa: E402
 from phi3v_ort.workers.pool import WorkerSpec  # noqa: E402
 
 
+MODEL = "tiny-int4-cpu"  # the id a server of the fixture's folder serves (its folder's name); others are a 404
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,12 +77,12 @@ def test_answers_equal_phi3v_ort_run(client, tiny_dir, png, n_images):
     images = [png(640, 400, seed=1), png(300, 700, seed=2)][:n_images]
     question = "What is difference in this two images?" if n_images == 2 else "Describe the chart."
     expected = run_json(tiny_dir, question, images, 12)
-    response = client.chat.completions.create(model="x", messages=[user(question, *images)], max_tokens=12)
+    response = client.chat.completions.create(model=MODEL, messages=[user(question, *images)], max_tokens=12)
     assert response.choices[0].message.content == expected["text"]
     assert response.choices[0].finish_reason == expected["finish_reason"]
     assert response.usage.prompt_tokens == expected["prompt_tokens"]
     assert response.usage.completion_tokens == len(expected["token_ids"])
-    chunks = list(client.chat.completions.create(model="x", messages=[user(question, *images)], max_tokens=12,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[user(question, *images)], max_tokens=12,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected["finish_reason"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from phi3v_ort.cli.group import cli
@@ -29,7 +27,9 @@ from phi3v_ort.errors import missing_extra
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests waiting for a worker; beyond: 429.")
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
-@click.option("--model-name", default=None, help="The model id clients see [default: the catalog name or folder].")
+@click.option("--model-name", default=None,
+              help="The model id clients see [default: the catalog or local package's name, else the folder's]; "
+              "requests may also name the model by its catalog aliases.")
 @click.option("--allowed-hosts", "allowed_hosts_", multiple=True, metavar="NAMES",
               help="Host names the server answers besides loopback ones and IP addresses (comma-separated or "
               "repeated; '*': any): it refuses others (403) against DNS rebinding.")
@@ -74,13 +74,16 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
         sock.close()
         raise
     spec = started.pool.workers[0].spec
-    name = model_name or model or Path(spec.model_dir).name
+    from phi3v_ort.package.fetch import model_names
+
+    names = model_names(model, model_dir, device)  # the catalog name and its variant's label, or the local name
+    name = model_name or names[0]
     limits = ServerLimits(max_queue=max_queue)
     from phi3v_ort.server.guard import allowed_hosts
 
     hosts = allowed_hosts(host, [h for given in allowed_hosts_ for h in given.split(",")])
     app = create_app(started, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet,
-                     hosts=hosts)
+                     hosts=hosts, aliases=names)
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"

@@ -12,7 +12,8 @@ completions.py is one chat completion (admit -> submit -> collect or stream); se
 
 - POST /v1/chat/completions (string or content-part messages, `image_url` as data: URIs, and as http(s) URLs only
   with --allow-remote-images, checked on every redirect hop and never to private addresses: remote.py), streaming
-  as SSE chunks ending with `data: [DONE]`; GET /v1/models; GET /health (workers alive/busy/restarts).
+  as SSE chunks ending with `data: [DONE]`; GET /v1/models (the model's id and aliases: a request naming another
+  model is a 404 model_not_found, served_models.py); GET /health (workers alive/busy/restarts).
 - Load: one generation per worker; at most `max_queue` requests wait for a worker, beyond that 429 with
   Retry-After. Image counts and sizes are checked before anything is decoded; decoding and preparation run in a
   bounded pool, remote fetches in their own so they cannot starve the rest.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -53,6 +55,7 @@ from phi3v_ort.server.access_log import AccessLog
 from phi3v_ort.server.completions import Completion, error_response
 from phi3v_ort.server.guard import RequestGuard, allowed_hosts
 from phi3v_ort.server.openai_request import ApiError
+from phi3v_ort.server.served_models import model_list, served_names
 from phi3v_ort.server.service import Service, ServerLimits
 from phi3v_ort.workers.pool import StartedWorkers, WorkerPool, WorkerSpec
 
@@ -81,10 +84,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str = "phi-3-vision",
                api_key: str | None = None, limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False,
                workers: int = 1, processor: str = "own", access_log: bool = True, log_stream=None,
-               hosts: frozenset[str] | None = None) -> Starlette:
+               hosts: frozenset[str] | None = None, aliases: Sequence[str] = ()) -> Starlette:
     """The app over started workers (workers.start_workers: the package already read), a started WorkerPool, or a
     WorkerSpec (`workers` of them are started here); `access_log`: one line per request on `log_stream` (default
-    stderr); `hosts`: the Host names it answers (guard.allowed_hosts; default: loopback ones)."""
+    stderr); `hosts`: the Host names it answers (guard.allowed_hosts; default: loopback ones); `aliases`: other
+    names a request's `model` may give (package.fetch.model_names), besides `model_name`, the id it answers with."""
     info = builder = None
     if isinstance(pool, StartedWorkers):
         pool, info, builder = pool.pool, pool.info, pool.builder
@@ -94,16 +98,18 @@ def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str =
     service = Service(pool, info, limits, allow_remote_images, processor, builder, api_key)
     middleware = [Middleware(AccessLog, stream=log_stream)] if access_log else []
     middleware.append(Middleware(RequestGuard, allowed=hosts if hosts is not None else allowed_hosts()))
-    app = Starlette(routes=routes(service, model_name),
+    app = Starlette(routes=routes(service, served_names(model_name, aliases)),
                     exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
                     middleware=middleware)
     app.state.service = service
+    app.state.model_names = served_names(model_name, aliases)
     app.state.pool = pool
     return app
 
 
-def routes(service: Service, model_name: str) -> list[Route]:
-    """The routes, each a thin function over the service."""
+def routes(service: Service, names: tuple[str, ...]) -> list[Route]:
+    """The routes, each a thin function over the service; `names`: the model's id, then its aliases."""
+    model_name = names[0]
 
     async def chat_completions(request: Request) -> Response:
         service.ensure_loop()
@@ -114,9 +120,7 @@ def routes(service: Service, model_name: str) -> list[Route]:
             service.check_auth(request.headers)
         except ApiError as exc:
             return error_response(exc)
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                                         "owned_by": "phi3v-ort", "max_crops": 16,
-                                                         "default_crops": 16, "processor": service.processor}]})
+        return JSONResponse(model_list(names, service.processor))
 
     async def health(request: Request) -> Response:
         service.ensure_loop()

@@ -26,6 +26,7 @@ from phi3v_ort.inputs.pipeline import make_pipeline
 from phi3v_ort.server.access_log import LOG_KEY
 from phi3v_ort.server.extension import response_fields
 from phi3v_ort.server.openai_request import ApiError, parse_request
+from phi3v_ort.server.served_models import check_model
 from phi3v_ort.server.service import Active, Counted, Service, transcript_key
 from phi3v_ort.workers.protocol import End, Error, Event, Job, Reply
 
@@ -81,6 +82,7 @@ class Completion:
         req = self.req = parse_request(body, allow_remote=service.allow_remote, max_images=limits.max_images,
                                        max_image_bytes=limits.max_image_bytes,
                                        max_tokens_default=limits.max_tokens_default)
+        check_model(body.get("model"), self.request.app.state.model_names)  # 404 model_not_found
         try:
             pipeline = make_pipeline(service.builder, service.processor, req.crops)
         except Phi3vError as exc:
