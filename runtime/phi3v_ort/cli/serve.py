@@ -33,19 +33,20 @@ from phi3v_ort.errors import missing_extra
 @click.option("--allowed-hosts", "allowed_hosts_", multiple=True, metavar="NAMES",
               help="Host names the server answers besides loopback ones and IP addresses (comma-separated or "
               "repeated; '*': any): it refuses others (403) against DNS rebinding.")
+@click.option("--no-metrics", is_flag=True, help="No /metrics (Prometheus text format; open, as /health is).")
 @click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
 @click.option("--idle-exit", default=None, metavar="DURATION",
               help="Exit after DURATION without requests (30s, 5m, 1h): what `run --keep-alive` starts.")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
           workers: int, threads: int | None, worker_memory_limit: str | None, processor: str, max_queue: int,
-          allow_remote_images: bool, model_name: str | None, allowed_hosts_: tuple[str, ...], quiet: bool,
-          idle_exit: str | None) -> None:
+          allow_remote_images: bool, model_name: str | None, allowed_hosts_: tuple[str, ...], no_metrics: bool,
+          quiet: bool, idle_exit: str | None) -> None:
     """An OpenAI-compatible server with a web page; the models run in worker processes.
 
     Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
-    /v1/models and /health. Logs one line per request on stderr (method, path, status, prompt and completion
-    tokens, time to first token, total time) unless --quiet. While it serves, `run` and `chat` for the same model
-    use it (`--server auto`), and `phi3v-ort ps` lists it.
+    /v1/models, /health and /metrics (Prometheus). Logs one line per request on stderr (method, path, status,
+    prompt and completion tokens, time to first token, total time) unless --quiet. While it serves, `run` and
+    `chat` for the same model use it (`--server auto`), and `phi3v-ort ps` lists it.
 
     \b
     Examples:
@@ -83,7 +84,7 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
 
     hosts = allowed_hosts(host, [h for given in allowed_hosts_ for h in given.split(",")])
     app = create_app(started, name, api_key, limits, allow_remote_images, processor=processor, access_log=not quiet,
-                     hosts=hosts, aliases=names)
+                     hosts=hosts, aliases=names, metrics=not no_metrics)
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {name} ({spec.device}, {workers} worker(s)"

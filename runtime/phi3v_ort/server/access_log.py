@@ -44,7 +44,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = scope[LOG_KEY] = {"started": started}
+        record = scope.setdefault(LOG_KEY, {"started": started})  # shared with metrics.MetricsMiddleware
         status: list[int] = []
 
         async def send_logged(message) -> None:

@@ -32,6 +32,9 @@ completions.py is one chat completion (admit -> submit -> collect or stream); se
 - GET / is a single self-contained page to try the model in a browser (web.py: inline HTML, CSS and JS, no
   network beyond this server); responses to chat requests carry `X-Phi3v-Image-Tokens` (per image, the whole
   conversation's) for it.
+- Metrics: GET /metrics in Prometheus's text format (metrics.py: requests by route and status, time to first token
+  and end-to-end histograms, tokens, queue, busy and restarted workers), open as /health is; `metrics=False`
+  (serve --no-metrics) removes it.
 - Access log: one line per request on stderr (client, method, path, status, prompt and completion tokens, time to
   first token, total time), written when the response has ended; `create_app(access_log=False)` (serve --quiet)
   turns it off.
@@ -54,6 +57,7 @@ from phi3v_ort.package.loading import read_package
 from phi3v_ort.server.access_log import AccessLog
 from phi3v_ort.server.completions import Completion, error_response
 from phi3v_ort.server.guard import RequestGuard, allowed_hosts
+from phi3v_ort.server.metrics import MetricsMiddleware, ServerMetrics
 from phi3v_ort.server.openai_request import ApiError
 from phi3v_ort.server.served_models import model_list, served_names
 from phi3v_ort.server.service import Service, ServerLimits
@@ -84,11 +88,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str = "phi-3-vision",
                api_key: str | None = None, limits: ServerLimits = ServerLimits(), allow_remote_images: bool = False,
                workers: int = 1, processor: str = "own", access_log: bool = True, log_stream=None,
-               hosts: frozenset[str] | None = None, aliases: Sequence[str] = ()) -> Starlette:
+               hosts: frozenset[str] | None = None, aliases: Sequence[str] = (), metrics: bool = True) -> Starlette:
     """The app over started workers (workers.start_workers: the package already read), a started WorkerPool, or a
     WorkerSpec (`workers` of them are started here); `access_log`: one line per request on `log_stream` (default
     stderr); `hosts`: the Host names it answers (guard.allowed_hosts; default: loopback ones); `aliases`: other
-    names a request's `model` may give (package.fetch.model_names), besides `model_name`, the id it answers with."""
+    names a request's `model` may give (package.fetch.model_names), besides `model_name`, the id it answers with;
+    `metrics`: GET /metrics (metrics.py; serve --no-metrics: none)."""
     info = builder = None
     if isinstance(pool, StartedWorkers):
         pool, info, builder = pool.pool, pool.info, pool.builder
@@ -96,12 +101,19 @@ def create_app(pool: WorkerPool | WorkerSpec | StartedWorkers, model_name: str =
         pool = WorkerPool(pool, workers).start()
     info = info or read_package(pool.workers[0].spec.model_dir)
     service = Service(pool, info, limits, allow_remote_images, processor, builder, api_key)
+    api = routes(service, served_names(model_name, aliases))
     middleware = [Middleware(AccessLog, stream=log_stream)] if access_log else []
+    figures = None
+    if metrics:
+        figures = ServerMetrics(service, {route.path for route in api} | {"/metrics"})
+        api.append(Route("/metrics", figures.endpoint, methods=["GET"]))
+        middleware.append(Middleware(MetricsMiddleware, metrics=figures))  # outside the guard: refusals count
     middleware.append(Middleware(RequestGuard, allowed=hosts if hosts is not None else allowed_hosts()))
-    app = Starlette(routes=routes(service, served_names(model_name, aliases)),
+    app = Starlette(routes=api,
                     exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
                     middleware=middleware)
     app.state.service = service
+    app.state.metrics = figures
     app.state.model_names = served_names(model_name, aliases)
     app.state.pool = pool
     return app
