@@ -264,6 +264,9 @@ def test_response_format_is_parsed_into_the_settings():
         assert (info.value.status, info.value.param) == (400, param), info.value.message
 
 
+MODEL = "tiny-int4-cpu"  # the id the shared server of the fixture's folder serves (others are a 404)
+
+
 @pytest.fixture(scope="module")
 def server(served):
     """The shared `phi3v-ort serve` on the fixture (conftest.py)."""
@@ -288,7 +291,7 @@ SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "book", "schema"
 
 
 def test_server_json_schema_with_the_openai_client(client, tiny_dir):
-    response = client.chat.completions.create(model="x", messages=_user(Q), max_tokens=200,
+    response = client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=200,
                                               response_format=SCHEMA_FORMAT)
     choice = response.choices[0]
     assert choice.finish_reason == "stop"
@@ -297,23 +300,23 @@ def test_server_json_schema_with_the_openai_client(client, tiny_dir):
                                        "--json-schema", json.dumps(BOOK), "--max-new-tokens", "200", "--json", Q])
     assert json.loads(cli_run.stdout)["text"] == choice.message.content  # the same constraint, the same answer
 
-    chunks = list(client.chat.completions.create(model="x", messages=_user(Q), max_tokens=200, stream=True,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=200, stream=True,
                                                  response_format=SCHEMA_FORMAT))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
 def test_server_json_object_is_cut_with_finish_reason_length(client):
-    response = client.chat.completions.create(model="x", messages=_user(Q), max_tokens=16,
+    response = client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=16,
                                               response_format={"type": "json_object"})
     assert response.choices[0].finish_reason == "length"
     assert response.choices[0].message.content.startswith('{"')
-    chunks = list(client.chat.completions.create(model="x", messages=_user(Q), max_tokens=16, stream=True,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=16, stream=True,
                                                  response_format={"type": "json_object"}))
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == response.choices[0].message.content
     bounded = {"type": "json_schema", "json_schema": {"name": "title", "schema": SHORT_TITLE}}
-    text_only = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "a"}],
+    text_only = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}],
                                                max_tokens=50, response_format=bounded)
     assert text_only.choices[0].finish_reason == "stop"
     assert set(json.loads(text_only.choices[0].message.content)) == {"title"}
@@ -325,13 +328,13 @@ def test_server_schema_og_cannot_compile_is_a_400(client, stream):
 
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objekt"}}}
     with pytest.raises(openai.BadRequestError) as info:
-        result = client.chat.completions.create(model="x", messages=_user(Q), max_tokens=20, response_format=bad,
+        result = client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=20, response_format=bad,
                                                 stream=stream)
         list(result) if stream else None
     error = info.value.body
     assert error["param"] == "response_format" and "Invalid type: objekt" in error["message"]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="x", messages=_user(Q), response_format={"type": "xml"})
+        client.chat.completions.create(model=MODEL, messages=_user(Q), response_format={"type": "xml"})
     assert info.value.body["param"] == "response_format.type"
-    ok = client.chat.completions.create(model="x", messages=_user(Q), max_tokens=3)  # the worker is fine after
+    ok = client.chat.completions.create(model=MODEL, messages=_user(Q), max_tokens=3)  # the worker is fine after
     assert ok.choices[0].finish_reason == "length"
