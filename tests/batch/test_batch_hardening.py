@@ -346,3 +346,25 @@ def test_symlinked_output_stays_a_symlink(tiny_dir, tmp_path):
     link.symlink_to(real)
     assert batch(tiny_dir, src, "-o", link).exit_code == 0
     assert link.is_symlink() and [r["id"] for r in lines(real)] == ["a"] and "answer" in lines(real)[0]
+
+
+def test_a_50_mb_question_does_not_fit_at_once(tiny_dir, tmp_path):
+    """Known from its length alone (73 s and 6.9 GB before, to tokenize it first); the next item still runs."""
+    import resource
+    import subprocess
+    import time
+
+    huge = "lorem ipsum " * (50 * 2**20 // 12)
+    src = write_jsonl(tmp_path / "items.jsonl", {"id": "huge", "images": [], "question": huge},
+                      {"id": "ok", "images": [], "question": "Say hi."})
+    out = tmp_path / "out.jsonl"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "phi3v_ort", "batch", str(src), "-o", str(out), "--model-dir",
+                             str(tiny_dir), *RUN], capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - started
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    rows = {r["id"]: r for r in lines(out)}
+    assert "context is 8192 tokens" in rows["huge"]["error"] and "answer" in rows["ok"]
+    assert took < 60, took
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest process this test waited for
+    assert peak < 2 * 2**30, peak

@@ -275,6 +275,11 @@ class Conversation:
         the caller applies it."""
         context = self.model.info.context_length
         budget = kv_cache.prompt_budget(context, self.settings.max_new_tokens)
+        least = self.model.builder.tokenizer.min_tokens(len(new.question))
+        if least > budget:  # known from its length alone: never tokenize a 50 MB question (73 s, 6.9 GB) to see it
+            raise ContextTooLong(f"this turn alone is {len(new.question):,} characters, at least {least:,} prompt "
+                                 f"tokens, but the model's context is {context} tokens",
+                                 least + self.settings.max_new_tokens, context)
         kept = list(self.turns)
         ids = self._tokenize(kept, new)
         if len(ids) > budget and not self.drop_old_turns:

@@ -60,6 +60,7 @@ class PromptTokenizer:
             self._plain = Tokenizer.from_str(json.dumps(plain))
         except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, or the tokenizers library's own Exception
             raise Phi3vError(f"cannot read the tokenizer in {folder} ({exc})") from None
+        self.max_token_chars = _max_token_chars(data)
         self.add_bos = bool(config.get("add_bos_token", True))
         bos = config.get("bos_token", "<s>")
         bos = bos.get("content", "<s>") if isinstance(bos, dict) else bos
@@ -70,6 +71,12 @@ class PromptTokenizer:
         if entry is None:
             raise Phi3vError(f"the package's tokenizer has no token {token}")
         return int(entry["id"])
+
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of `chars` characters of text, known without tokenizing it: no token covers
+        more than `max_token_chars` characters. Checked before tokenizing, so a 30 MB message is refused at once
+        (tokenizing it took 42.5 s and 4.1 GB)."""
+        return chars // self.max_token_chars
 
     def control_strings_in(self, text: str) -> list[str]:
         """The added tokens' names that occur in `text` (what a tokenizer with special-token matching would turn
@@ -143,3 +150,37 @@ class PromptTokenizer:
         if mark is not None and position is None:
             raise ValueError(f"segment {mark} is not a control marker")
         return np.asarray(ids, dtype=np.int32), position
+
+
+# Normalizers that never make the text shorter (Phi-3's: prepend "▁", replace " " by "▁"): the longest vocabulary
+# entry bounds the characters a token covers. Any other (NFC composes characters, a regex Replace may drop some)
+# gets this factor more, generously: what keeps the bound a bound, never a refusal of text that fits.
+LENGTH_KEEPING_NORMALIZERS = ("Prepend", "Lowercase")
+UNKNOWN_NORMALIZER_FACTOR = 4
+NO_BOUND = 2**62  # characters per token when nothing bounds them: min_tokens is then always 0
+
+
+def _max_token_chars(data: dict) -> int:
+    """The most characters one token can stand for, from a tokenizer.json's vocabulary and normalizer."""
+    model = data.get("model") or {}
+    if model.get("fuse_unk") and not model.get("byte_fallback"):
+        return NO_BOUND  # a run of unknown characters of any length is one <unk> token
+    vocab = model.get("vocab") or {}
+    entries = vocab.keys() if isinstance(vocab, dict) else [v[0] for v in vocab if v]  # BPE dict, Unigram pairs
+    longest = max((len(str(e)) for e in entries), default=64)
+    for added in data.get("added_tokens", []):
+        longest = max(longest, len(str(added.get("content", ""))))
+    return max(1, longest) * (1 if _keeps_length(data.get("normalizer")) else UNKNOWN_NORMALIZER_FACTOR)
+
+
+def _keeps_length(normalizer: dict | None) -> bool:
+    """Whether a normalizer can only keep or lengthen the text (so chars // longest token is a sound bound)."""
+    if normalizer is None:
+        return True
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return all(_keeps_length(n) for n in normalizer.get("normalizers", []))
+    if kind == "Replace":
+        pattern = normalizer.get("pattern", {})
+        return "String" in pattern and len(normalizer.get("content", "")) >= len(pattern["String"])
+    return kind in LENGTH_KEEPING_NORMALIZERS

@@ -91,7 +91,7 @@ class Completion:
         self.images = await service.prepare_images(req.images, pipeline)
         explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
         explicit = explicit and not (req.phi3v and req.phi3v.cap_max_tokens)
-        self.counted: Counted = service.check_context(req, self.history, self.images, explicit, pipeline)
+        self.counted: Counted = await service.count(req, self.history, self.images, explicit, pipeline)
         self.prompt_tokens = self.record["prompt_tokens"] = self.counted.prompt_tokens
         self.route = service.routes.get(self.transcript_key())
         self.worker = await service.acquire(self.route[0] if self.route else None)

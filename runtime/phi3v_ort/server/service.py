@@ -150,7 +150,10 @@ class Service:
 
     def check_context(self, req: ParsedRequest, history, images, explicit_max: bool, pipeline) -> Counted:
         """Tokenizes the whole transcript here, once (no worker needed; the ids go with the job); refuses what
-        cannot fit, as OpenAI does. `history`: (turn, [(raw, prepared)]) pairs; `images`: this turn's pairs."""
+        cannot fit, as OpenAI does. `history`: (turn, [(raw, prepared)]) pairs; `images`: this turn's pairs.
+        Blocking (tokenizing a long text takes seconds, og's processor decodes images to count them): the routes
+        call it through `count`, off the event loop."""
+        self.check_text_size(req, explicit_max)
         turns = [Turn(t.question, [p for _, p in imgs], t.answer) for t, imgs in history]
         new = Turn(req.question, [p for _, p in images])
         image_tokens = [pipeline.image_tokens(i) for t in turns for i in t.images] + \
@@ -169,6 +172,23 @@ class Service:
                                 "reduce the length of the messages or completion.", param="messages",
                            code="context_length_exceeded")
         return Counted(turns, tokens, image_tokens, answer_budget(context, prompt, wanted))
+
+    async def count(self, req: ParsedRequest, history, images, explicit_max: bool, pipeline) -> Counted:
+        """check_context in a thread: the event loop keeps answering (/health, other streams) meanwhile."""
+        return await asyncio.to_thread(self.check_context, req, history, images, explicit_max, pipeline)
+
+    def check_text_size(self, req: ParsedRequest, explicit_max: bool) -> None:
+        """Refuse text that cannot fit before tokenizing it: its characters give a lower bound on its tokens
+        (PromptTokenizer.min_tokens), so this never refuses a request that would fit."""
+        chars = len(req.system or "") + len(req.question) + sum(len(t.question) + len(t.answer or "")
+                                                                for t in req.history)
+        least = self.builder.tokenizer.min_tokens(chars)
+        context = self.info.context_length
+        wanted = req.settings.max_new_tokens
+        if least + (wanted if explicit_max else 1) > context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, the messages "
+                                f"are {chars:,} characters, at least {least:,} tokens. Please reduce the length of "
+                                "the messages.", param="messages", code="context_length_exceeded")
 
     # -- workers ---------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""The server's request path under hostile input (issue 21): huge text refused before it is tokenized and never
+on the event loop, lone surrogates, a follow-up that changes what the prompt's tokens are, constraints, and the
+answer's KV buffer bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+try:
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx", reason="the server tests use httpx")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from phi3v_ort.server.app import ServerLimits, create_app  # noqa: E402
+from phi3v_ort.workers.pool import WorkerSpec  # noqa: E402
+
+CHAT = "/v1/chat/completions"
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _raw_post(client, body: dict, **kw):
+    """A body with lone surrogates in it: json.dumps writes them as `\\ud800` escapes, as JavaScript does."""
+    return client.post(CHAT, content=json.dumps(body).encode(), headers={"content-type": "application/json"}, **kw)
+
+
+class HealthProbe:
+    """Polls /health in a thread while something else runs; records each answer's latency."""
+
+    def __init__(self, get):
+        self.get, self.latencies, self.failures = get, [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            try:
+                status = self.get("/health").status_code
+                if status != 200:
+                    self.failures.append(status)
+            except Exception as exc:  # noqa: BLE001 - a refused or timed-out probe is what the test looks for
+                self.failures.append(repr(exc))
+            self.latencies.append(time.perf_counter() - started)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_dir):
+    app = create_app(WorkerSpec(str(tiny_dir)), "tiny", limits=ServerLimits(max_body_bytes=40 * 2**20))
+    yield app
+    app.state.pool.close()
+
+
+@pytest.fixture(scope="module")
+def app_client(app):
+    with TestClient(app, raise_server_exceptions=False) as client:  # one event loop for every request
+        yield client
+
+
+# -- 3: one large text message --------------------------------------------------------------------------------------
+
+def test_a_30_mb_message_is_refused_at_once_while_health_answers(served):
+    url, pid = served.url, served.proc.pid
+    before = _rss(pid)
+    body = {"messages": [{"role": "user", "content": "lorem ipsum " * (30 * 2**20 // 12)}], "max_tokens": 4}
+    with HealthProbe(lambda path: httpx.get(url + path, timeout=5)) as probe:
+        started = time.perf_counter()
+        r = httpx.post(url + CHAT, json=body, timeout=120)
+        took = time.perf_counter() - started
+        time.sleep(0.3)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "maximum context length is 8192" in error["message"]
+    assert took < 10, took  # 42.5 s before: the whole text was tokenized first
+    assert not probe.failures and max(probe.latencies) < 2, (probe.failures, max(probe.latencies))
+    assert _rss(pid) - before < 600 * 2**20  # 4.1 GB before (the body and its string are ~60 MB)
+
+
+def test_the_size_bound_never_refuses_text_that_fits(app_client):
+    """Text that fits the context however long it is in characters: whitespace runs tokenize to about one token per
+    character, so only the bound's characters-per-token ratio could refuse them wrongly."""
+    for text in ("a" * 7000, " " * 7000, "\n" * 7000):
+        r = app_client.post(CHAT, json={"messages": [{"role": "user", "content": text}], "max_tokens": 1})
+        assert r.status_code == 200 or "messages are" not in r.text, r.text
+    r = app_client.post(CHAT, json={"messages": [{"role": "user", "content": "a" * 14000}], "max_tokens": 1})
+    assert r.status_code == 200, r.text  # about 7,000 tokens: fits, though longer in characters than the context
+
+
+def test_tokenizing_runs_off_the_event_loop(app, app_client, monkeypatch):
+    """A slow tokenization (a long text on a busy machine) leaves /health answering meanwhile."""
+    tokenizer = app.state.service.builder.tokenizer
+    real = tokenizer.encode_conversation
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode_conversation", slow)
+    with HealthProbe(app_client.get) as probe:
+        r = app_client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert len(probe.latencies) >= 5 and max(probe.latencies) < 1.0, probe.latencies
