@@ -122,3 +122,38 @@ def test_tokenizing_runs_off_the_event_loop(app, app_client, monkeypatch):
         r = app_client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert len(probe.latencies) >= 5 and max(probe.latencies) < 1.0, probe.latencies
+
+
+# -- 4: a lone surrogate anywhere in a request ----------------------------------------------------------------------
+
+USER = [{"role": "user", "content": "hi"}]
+S = "\ud800"  # what JavaScript's slice leaves of an emoji; json.dumps sends it as the escape \ud800
+SURROGATES = {
+    "message text": ({"messages": [{"role": "user", "content": "caf" + S}]}, "messages[0].content"),
+    "a text part": ({"messages": [{"role": "user", "content": [{"type": "text", "text": S}]}]},
+                    "messages[0].content[0].text"),
+    "system": ({"messages": [{"role": "system", "content": S}, *USER]}, "messages[0].content"),
+    "an earlier answer": ({"messages": [*USER, {"role": "assistant", "content": "x" + S}, *USER]},
+                          "messages[1].content"),
+    "json_schema pattern": ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": S}}}}, "response_format.json_schema.schema.pattern"),
+    "json_schema key": ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {S: {"type": "string"}}}}}},
+        "response_format.json_schema.schema.properties"),
+    "regex": ({"messages": USER, "phi3v": {"guidance": {"kind": "regex", "data": "a" + S}}},
+              "phi3v.guidance.data"),
+    "stop": ({"messages": USER, "stop": ["x", S]}, "stop[1]"),
+    "an ignored field": ({"messages": USER, "user": S}, "user"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(SURROGATES))
+def test_a_lone_surrogate_anywhere_is_one_sentence(app_client, case, stream):
+    body, param = SURROGATES[case]
+    r = _raw_post(app_client, {**body, "max_tokens": 2, "stream": stream})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"], error
+    assert error["message"].count(". ") == 0 and "Traceback" not in error["message"]
+    assert "onnxruntime" not in error["message"] and "(self" not in error["message"]  # og's binding signature

@@ -40,7 +40,7 @@ from phi3v_ort.engine.settings import INT32_MAX, SEED_MAX, GenerationSettings
 from phi3v_ort.engine.stop import StopStringFilter, check_stops  # noqa: F401 (StopStringFilter: its old home)
 from phi3v_ort.server.extension import Extension, ExtensionError, parse_extension
 parse_extension
-from phi3v_ort.inputs.prompt import Turn
+from phi3v_ort.inputs.prompt import Turn, check_unicode
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; this bounds the work any later walk of the body does
 MAX_CROPS = 16
@@ -93,14 +93,31 @@ def parse_json_body(raw: bytes) -> dict:
         raise _bad(None, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise _bad(None, "the request body must be a JSON object")
-    stack: list[tuple[object, int]] = [(data, 1)]
+    stack: list[tuple[object, int, str]] = [(data, 1, "")]
     while stack:  # iterative, so a body just under the recursion limit costs no recursion later either
-        value, depth = stack.pop()
+        value, depth, path = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise _bad(None, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        if isinstance(value, dict):
+            for key, child in value.items():
+                where = f"{path}.{key}" if path else key
+                _check_text(key, f"a key in {path or 'the request body'}", path or None)
+                stack.append((child, depth + 1, where))
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path, path)
     return data
+
+
+def _check_text(text: str, what: str, param: str | None) -> None:
+    """A lone surrogate anywhere in the body (JSON's `\\ud800`: what JavaScript's slice leaves of an emoji) is a 400
+    naming where: no tokenizer, constraint compiler or UTF-8 writer downstream takes it."""
+    if not text.isascii():
+        try:
+            check_unicode(text, what)
+        except Phi3vError as exc:
+            raise _bad(param, str(exc)) from None
 
 
 # -- what comes out --------------------------------------------------------------------------------------------------
