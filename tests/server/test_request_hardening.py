@@ -157,3 +157,53 @@ def test_a_lone_surrogate_anywhere_is_one_sentence(app_client, case, stream):
     assert error["param"] == param and "lone surrogate" in error["message"], error
     assert error["message"].count(". ") == 0 and "Traceback" not in error["message"]
     assert "onnxruntime" not in error["message"] and "(self" not in error["message"]  # og's binding signature
+
+
+# -- 7: a follow-up that changes what the prompt's tokens are ------------------------------------------------------
+
+def _data_uri(path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+@pytest.mark.parametrize("change", ["crops", "system"])
+def test_a_follow_up_that_changes_the_prompt_inputs_is_prefilled_afresh(served, png, change):
+    url = served.url + CHAT
+    image = png(900, 600, seed=7)
+    system = [{"role": "system", "content": "Be brief."}]
+    first = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": _data_uri(image)}}]}]
+    r1 = httpx.post(url, json={"messages": system + first, "max_tokens": 4, "crops": 1}, timeout=60)
+    assert r1.status_code == 200, r1.text
+    follow = first + [{"role": "assistant", "content": r1.json()["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "And the colours?"}]
+    same = {"messages": system + follow, "max_tokens": 4, "crops": 1}
+    changed = {**same, "crops": 4} if change == "crops" else {**same, "messages": follow}
+    r2 = httpx.post(url, json=changed, timeout=60)
+    assert r2.status_code == 200, r2.text
+    assert r2.headers["x-phi3v-kv-reused"] == "false"
+    r2_tokens = r2.json()["usage"]["prompt_tokens"]
+    # the same follow-up asked the first time's way continues the kept cache (r2 took none): the control
+    r1 = httpx.post(url, json={"messages": system + first, "max_tokens": 4, "crops": 1}, timeout=60)
+    follow[1]["content"] = r1.json()["choices"][0]["message"]["content"]
+    r3 = httpx.post(url, json={**same, "messages": system + follow}, timeout=60)
+    assert r3.headers["x-phi3v-kv-reused"] == "true"
+    if change == "crops":  # 4 crops count more image tokens than 1: usage counts what was prefilled
+        assert r2_tokens > r3.json()["usage"]["prompt_tokens"]
+
+
+def test_the_worker_continues_only_a_conversation_made_with_the_same_inputs():
+    """The worker's own check, for a resume the parent routed anyway (a kept id from another route)."""
+    from types import SimpleNamespace
+
+    from phi3v_ort.engine.settings import GenerationSettings
+    from phi3v_ort.workers.process import same_prompt_inputs
+    from phi3v_ort.workers.protocol import Job
+
+    kept = SimpleNamespace(system="s", pipeline=SimpleNamespace(name="own", crops=16))
+    job = Job("r", "q", [], GenerationSettings(), system="s", processor="own", crops=None)
+    assert same_prompt_inputs(kept, job)
+    for other in ({"crops": 4}, {"system": None}, {"processor": "og"}):
+        assert not same_prompt_inputs(kept, Job("r", "q", [], GenerationSettings(), **{
+            "system": "s", "processor": "own", "crops": None, **other}))

@@ -84,7 +84,7 @@ class Completion:
                                        max_tokens_default=limits.max_tokens_default)
         check_model(body.get("model"), self.request.app.state.model_names)  # 404 model_not_found
         try:
-            pipeline = make_pipeline(service.builder, service.processor, req.crops)
+            pipeline = self.pipeline = make_pipeline(service.builder, service.processor, req.crops)
         except Phi3vError as exc:
             raise ApiError(400, str(exc), param="crops") from None
         self.history = [(t, await service.prepare_images(t.images, pipeline)) for t in req.history]
@@ -101,7 +101,7 @@ class Completion:
         turns = [(t.question, [r for r, _ in imgs], t.answer) for t, imgs in self.history]
         if answer is not None:
             turns.append((self.req.question, [r for r, _ in self.images], answer))
-        return transcript_key(self.req.system, turns)
+        return transcript_key(self.req.system, turns, (self.pipeline.name, self.pipeline.crops))
 
     def submit(self) -> Response | None:
         """The job to the worker; a 503 if the worker died in between."""

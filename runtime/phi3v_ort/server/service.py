@@ -55,9 +55,12 @@ class Counted:
         return len(self.tokens.ids)
 
 
-def transcript_key(system: str | None, turns: list[tuple[str, list[bytes], str]]) -> str:
-    """Identifies a conversation by what the client sent: system, and per turn question, image bytes, answer."""
-    h = hashlib.sha256(json.dumps(system).encode())
+def transcript_key(system: str | None, turns: list[tuple[str, list[bytes], str]],
+                   inputs: tuple[str, int] = ("own", 16)) -> str:
+    """Identifies a conversation by what the client sent: system, and per turn question, image bytes, answer; and
+    by `inputs` (the processor, the crop budget): they change the prompt's tokens, so a follow-up that changes them
+    must not continue the cache built from the old ones."""
+    h = hashlib.sha256(json.dumps([system, *inputs]).encode())
     for question, images, answer in turns:
         h.update(json.dumps([question, answer]).encode())
         for data in images:

@@ -101,6 +101,8 @@ class JobRunner:
         from phi3v_ort.inputs.prompt import Turn
 
         conv = self.kept.pop(job.resume, None) if job.resume else None
+        if conv is not None and not same_prompt_inputs(conv, job):
+            conv = None  # its cache holds the prompt's tokens as another crop budget, processor or system made them
         if conv is None:
             conv = Conversation(self.model, job.settings, job.system,
                                 reserve_tokens=job_reserve(job.settings.max_new_tokens), processor=job.processor,
@@ -130,3 +132,12 @@ class JobRunner:
 
     def kept_bytes(self) -> int:
         return sum(c.last_stats.kv_cache_bytes for c in self.kept.values() if getattr(c, "last_stats", None))
+
+
+def same_prompt_inputs(conv, job: Job) -> bool:
+    """Whether a kept conversation's tokens were made as this job's would be: the same system message, processor
+    and crop budget (the parent's routing key says so too: server/service.py transcript_key)."""
+    from phi3v_ort.package.contract import MAX_CROPS
+
+    crops = MAX_CROPS if job.crops is None else job.crops
+    return conv.system == job.system and conv.pipeline.name == job.processor and conv.pipeline.crops == crops
