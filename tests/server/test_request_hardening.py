@@ -207,3 +207,43 @@ def test_the_worker_continues_only_a_conversation_made_with_the_same_inputs():
     for other in ({"crops": 4}, {"system": None}, {"processor": "og"}):
         assert not same_prompt_inputs(kept, Job("r", "q", [], GenerationSettings(), **{
             "system": "s", "processor": "own", "crops": None, **other}))
+
+
+# -- 8: constraints and internals ----------------------------------------------------------------------------------
+
+def test_an_unexpected_worker_error_is_logged_not_shown(capsys):
+    from phi3v_ort.server.completions import api_error
+    from phi3v_ort.workers.protocol import Error
+
+    try:
+        raise TypeError("set_inputs(): incompatible function arguments (self: onnxruntime_genai.Generator, ...)")
+    except TypeError as exc:
+        error = Error.of("r1", exc)
+    shown = api_error(error)
+    assert shown.status == 500 and "onnxruntime_genai" not in shown.message and "log" in shown.message
+    assert "onnxruntime_genai.Generator" in capsys.readouterr().err and "r1" in error.request_id
+
+
+CONSTRAINTS = {
+    "a million repetitions": ({"type": "string", "pattern": "^a{1000000}$"}, "the limit is 100,000"),
+    "a $ref loop": ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "no finite answer"),
+    "a required recursive property": ({"$ref": "#/$defs/n", "$defs": {"n": {
+        "type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}}, "no finite answer"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(CONSTRAINTS))
+def test_a_constraint_with_no_answer_is_a_400_before_the_prefill(served, case, stream):
+    """Through a real server: a plain 400 naming response_format, never a 200 with "" or `{` then an error event,
+    never llguidance's parser state; the server's workers are untouched (the next request is answered)."""
+    schema, words = CONSTRAINTS[case]
+    body = {"messages": USER, "max_tokens": 8, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    r = httpx.post(served.url + CHAT, json=body, timeout=60)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    error = r.json()["error"]
+    assert error["param"].startswith("response_format") and words in error["message"]
+    for internal in ("llguidance", "panic", "Parser", "state", "Traceback"):
+        assert internal not in error["message"]
+    assert httpx.post(served.url + CHAT, json={"messages": USER, "max_tokens": 2}, timeout=60).status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -36,9 +37,14 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 
 def api_error(error: Error) -> ApiError:
-    """A worker's error as the client sees it (protocol.HTTP_ERRORS)."""
+    """A worker's error as the client sees it (protocol.HTTP_ERRORS). An unexpected exception's text (og's binding
+    signatures, a library's internal state) goes to the server's log, never to the client."""
     http = error.http
-    return ApiError(http.status, error.message, http.type, param=http.param, code=http.code)
+    message = error.message
+    if "traceback" in error.details:
+        print(f"request {error.request_id} failed: {message}\n{error.details['traceback']}", file=sys.stderr)
+        message = "internal error while answering: the server's log has the details"
+    return ApiError(http.status, message, http.type, param=http.param, code=http.code)
 
 
 class Completion:
