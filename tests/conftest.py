@@ -278,6 +278,7 @@ def served(tiny_dir, tmp_path_factory):
     pytest.importorskip("starlette", reason="the server needs the serve extra")
     if importlib.util.find_spec("httpx2") is None:
         pytest.importorskip("httpx", reason="the server tests use httpx")
-    server = Served(tiny_dir, tmp_path_factory.mktemp("served"), "--workers", "2", "--max-queue", "8")
+    server = Served(tiny_dir, tmp_path_factory.mktemp("served"), "--workers", "2", "--max-queue", "8",
+                    "--max-tokens-limit", "8192")  # long answers (7,000 tokens) to observe
     yield server
     server.stop()

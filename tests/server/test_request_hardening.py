@@ -247,3 +247,44 @@ def test_a_constraint_with_no_answer_is_a_400_before_the_prefill(served, case, s
     for internal in ("llguidance", "panic", "Parser", "state", "Traceback"):
         assert internal not in error["message"]
     assert httpx.post(served.url + CHAT, json={"messages": USER, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+# -- 10: max_tokens and the KV buffer it preallocates --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_beyond_the_servers_limit_is_a_400_naming_it(app_client, name):
+    r = app_client.post(CHAT, json={"messages": USER, name: 130000})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == name and "at most 4096" in error["message"] and "--max-tokens-limit" in error["message"]
+
+
+def test_the_limit_is_a_serve_option(tiny_dir):
+    from click.testing import CliRunner
+
+    from phi3v_ort.cli import cli
+
+    assert "--max-tokens-limit" in CliRunner().invoke(cli, ["serve", "--help"]).stdout
+    result = CliRunner().invoke(cli, ["serve", "--model-dir", str(tiny_dir), "--max-tokens-limit", "0"])
+    assert result.exit_code != 0 and "--max-tokens-limit" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_kv_buffer_the_machine_cannot_hold_is_a_400(app_client, monkeypatch):
+    from phi3v_ort.engine import kv_cache
+
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: 64 * 2**10)  # 64 KiB left on this machine
+    r = app_client.post(CHAT, json={"messages": USER, "max_tokens": 64})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens" and "KV cache would need" in error["message"]
+    assert "0 MiB available" in error["message"]
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: None)  # the system does not say: no refusal
+    assert app_client.post(CHAT, json={"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_the_kv_check_never_refuses_what_fits():
+    from phi3v_ort.engine.kv_cache import memory_refusal
+
+    assert memory_refusal(2**30, 4 * 2**30, 1000) is None
+    assert memory_refusal(2**30, None, 1000) is None
+    assert "1,024 MiB" in memory_refusal(2**30, 2**30, 1000)

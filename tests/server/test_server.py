@@ -270,7 +270,7 @@ def test_unknown_route_is_json(app_client):
 def test_sigterm_shuts_down_cleanly(tiny_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_ort", "serve", "--model-dir", str(tiny_dir), "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(port), "--max-tokens-limit", "8192"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

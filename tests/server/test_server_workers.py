@@ -57,7 +57,7 @@ def submit_and_log(self, job, callback):
 
 Worker.submit = submit_and_log
 pool = WorkerPool(WorkerSpec(model_dir, "cpu", threads=1, prefill_delay_s=float(delay)), int(workers)).start()
-app = create_app(pool, "tiny", limits=ServerLimits(grace_s=float(grace)))
+app = create_app(pool, "tiny", limits=ServerLimits(grace_s=float(grace), max_tokens_limit=8192))
 serve_forever(app, "127.0.0.1", int(port), float(grace))
 """
 

@@ -26,6 +26,9 @@ from phi3v_ort.errors import missing_extra
               help="own: the runtime's input pipeline (the reference processor's behaviour); og: onnxruntime-genai's.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests waiting for a worker; beyond: 429.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="The most max_tokens a request may ask for (beyond: 400): each answer's KV cache is allocated "
+              "up front for its max_tokens.")
 @click.option("--allow-remote-images", is_flag=True, help="Accept http(s) image URLs (never to private addresses).")
 @click.option("--model-name", default=None,
               help="The model id clients see [default: the catalog or local package's name, else the folder's]; "
@@ -39,8 +42,8 @@ from phi3v_ort.errors import missing_extra
               help="Exit after DURATION without requests (30s, 5m, 1h): what `run --keep-alive` starts.")
 def serve(model: str | None, model_dir: str | None, device: str, host: str, port: int, api_key: str | None,
           workers: int, threads: int | None, worker_memory_limit: str | None, processor: str, max_queue: int,
-          allow_remote_images: bool, model_name: str | None, allowed_hosts_: tuple[str, ...], no_metrics: bool,
-          quiet: bool, idle_exit: str | None) -> None:
+          max_tokens_limit: int, allow_remote_images: bool, model_name: str | None, allowed_hosts_: tuple[str, ...],
+          no_metrics: bool, quiet: bool, idle_exit: str | None) -> None:
     """An OpenAI-compatible server with a web page; the models run in worker processes.
 
     Serves a page to try the model in a browser at http://HOST:PORT/, /v1/chat/completions (streaming too),
@@ -79,7 +82,7 @@ def serve(model: str | None, model_dir: str | None, device: str, host: str, port
 
     names = model_names(model, model_dir, device)  # the catalog name and its variant's label, or the local name
     name = model_name or names[0]
-    limits = ServerLimits(max_queue=max_queue)
+    limits = ServerLimits(max_queue=max_queue, max_tokens_limit=max_tokens_limit)
     from phi3v_ort.server.guard import allowed_hosts
 
     hosts = allowed_hosts(host, [h for given in allowed_hosts_ for h in given.split(",")])

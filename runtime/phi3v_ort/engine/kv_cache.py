@@ -16,6 +16,9 @@
   a fresh generator (conversation.py).
 - A conversation keeps at most the context less the answer's budget (capped at half the context, so a huge
   max_new_tokens never leaves no room for the prompt) as its prompt; older turns are dropped or refused beyond.
+- The server caps max_tokens (`serve --max-tokens-limit`, 4096 by default) and refuses a request whose buffer
+  would take more than half the memory the machine has available (KV_MEMORY_FRACTION; on the CPU, where og
+  allocates it from system memory: og 0.18 does not report free GPU memory, so a CUDA server checks only the cap).
 - `run` (a single answer) has no reserve: its buffer is exactly prompt + max_new_tokens.
 """
 
@@ -33,6 +36,7 @@ CUDA_GRAPH_DEFAULT = False
 CONVERSATION_RESERVE_TOKENS = 2048  # chat's room for follow-up turns in the kept buffer
 JOB_RESERVE_EXTRA = 256  # a worker's conversation: the answer's budget again plus this ...
 JOB_RESERVE_MAX = 4096  # ... at most this
+KV_MEMORY_FRACTION = 0.5  # the most of the available memory one server request's KV buffer may take
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,29 @@ def plan(info: "PackageInfo", prompt_tokens: int, max_new_tokens: int, policy: K
                              info.context_length)
     max_length = min(prompt_tokens + max_new_tokens + max(0, reserve_tokens), info.context_length)
     return KVPlan(max_length=max_length, share_buffer=policy.share_buffer, bytes=kv_cache_bytes(info, max_length))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable: free + reclaimable cache), None when the
+    system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_refusal(need: int, available: int | None, max_length: int) -> str | None:
+    """Why a KV buffer of `need` bytes must not be allocated (None: it may), with KV_MEMORY_FRACTION of what is
+    available as the most one request's buffer may take: the weights, activations and other requests need the rest,
+    and a buffer the machine cannot hold ends the worker (or the machine), not the request."""
+    if available is None or need <= available * KV_MEMORY_FRACTION:
+        return None
+    return (f"the answer's KV cache would need {need / 2**20:,.0f} MiB ({max_length} positions) but this machine has "
+            f"{available / 2**20:,.0f} MiB available: ask for fewer max_tokens or send a shorter conversation")
 
 
 def job_reserve(max_new_tokens: int) -> int:

@@ -87,8 +87,10 @@ class Completion:
         limits = service.limits
         req = self.req = parse_request(body, allow_remote=service.allow_remote, max_images=limits.max_images,
                                        max_image_bytes=limits.max_image_bytes,
-                                       max_tokens_default=limits.max_tokens_default)
+                                       max_tokens_default=min(limits.max_tokens_default, limits.max_tokens_limit))
         check_model(body.get("model"), self.request.app.state.model_names)  # 404 model_not_found
+        cap = bool(req.phi3v and req.phi3v.cap_max_tokens)
+        service.check_max_tokens(req, body, cap)
         try:
             pipeline = self.pipeline = make_pipeline(service.builder, service.processor, req.crops)
         except Phi3vError as exc:
@@ -96,7 +98,7 @@ class Completion:
         self.history = [(t, await service.prepare_images(t.images, pipeline)) for t in req.history]
         self.images = await service.prepare_images(req.images, pipeline)
         explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
-        explicit = explicit and not (req.phi3v and req.phi3v.cap_max_tokens)
+        explicit = explicit and not cap
         self.counted: Counted = await service.count(req, self.history, self.images, explicit, pipeline)
         self.prompt_tokens = self.record["prompt_tokens"] = self.counted.prompt_tokens
         self.route = service.routes.get(self.transcript_key())

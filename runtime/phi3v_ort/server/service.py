@@ -13,8 +13,9 @@ import json
 import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from phi3v_ort.engine import kv_cache
 from phi3v_ort.engine.kv_cache import answer_budget
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.inputs.images import load_image
@@ -34,6 +35,7 @@ class ServerLimits:
     max_images: int = 8
     max_image_bytes: int = 16 * 2**20
     max_tokens_default: int = 512
+    max_tokens_limit: int = 4096  # the most max_tokens a request may ask for (serve --max-tokens-limit)
     image_timeout_s: float = 10.0  # one deadline per remote image, redirects and every read included
     prepare_threads: int = 2  # decoding + preparation at once, across all requests
     fetch_threads: int = 4  # remote fetches at once
@@ -174,7 +176,33 @@ class Service:
                                 f"{requested} tokens ({prompt} in the messages, {wanted} in the completion). Please "
                                 "reduce the length of the messages or completion.", param="messages",
                            code="context_length_exceeded")
-        return Counted(turns, tokens, image_tokens, answer_budget(context, prompt, wanted))
+        budget = answer_budget(context, prompt, wanted)
+        self.check_kv_memory(prompt, budget)
+        return Counted(turns, tokens, image_tokens, budget)
+
+    def check_max_tokens(self, req: ParsedRequest, body: dict, cap: bool) -> None:
+        """max_tokens beyond the server's limit: a 400 naming it, or (phi3v.cap_max_tokens) cut to it."""
+        limit = self.limits.max_tokens_limit
+        wanted = req.settings.max_new_tokens
+        if wanted <= limit:
+            return
+        if cap:
+            req.settings = replace(req.settings, max_new_tokens=limit)
+            return
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise ApiError(400, f"{name} must be at most {limit} on this server (serve --max-tokens-limit), got {wanted}",
+                       param=name)
+
+    def check_kv_memory(self, prompt: int, budget: int) -> None:
+        """Refuse an answer whose KV buffer (prompt + answer + the kept conversation's reserve, allocated up front)
+        the machine cannot hold; only on the CPU (og 0.18 does not report free GPU memory)."""
+        if self.pool.workers[0].spec.device != "cpu":
+            return
+        max_length = min(prompt + budget + kv_cache.job_reserve(budget), self.info.context_length)
+        refusal = kv_cache.memory_refusal(kv_cache.kv_cache_bytes(self.info, max_length), kv_cache.available_memory(),
+                                          max_length)
+        if refusal is not None:
+            raise ApiError(400, refusal, param="max_tokens")
 
     async def count(self, req: ParsedRequest, history, images, explicit_max: bool, pipeline) -> Counted:
         """check_context in a thread: the event loop keeps answering (/health, other streams) meanwhile."""
