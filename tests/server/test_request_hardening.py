@@ -288,3 +288,28 @@ def test_the_kv_check_never_refuses_what_fits():
     assert memory_refusal(2**30, 4 * 2**30, 1000) is None
     assert memory_refusal(2**30, None, 1000) is None
     assert "1,024 MiB" in memory_refusal(2**30, 2**30, 1000)
+
+
+# -- 11: --processor og counts image tokens by decoding the image: off the event loop ---------------------------
+
+def test_og_image_counting_leaves_health_answering(tiny_dir, png, monkeypatch):
+    from phi3v_ort.inputs.pipeline import OgPipeline
+
+    real = OgPipeline.image_tokens
+
+    def slow(self, image):  # three 9459-px PNGs took 2.45 s to decode, all of it inside the event loop
+        time.sleep(1.5)
+        return real(self, image)
+
+    monkeypatch.setattr(OgPipeline, "image_tokens", slow)
+    app = create_app(WorkerSpec(str(tiny_dir)), "tiny", processor="og")
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            content = [{"type": "text", "text": "What is this?"},
+                       {"type": "image_url", "image_url": {"url": _data_uri(png(400, 300, seed=3))}}]
+            with HealthProbe(client.get) as probe:
+                r = client.post(CHAT, json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert len(probe.latencies) >= 5 and max(probe.latencies) < 1.0, probe.latencies
+    finally:
+        app.state.pool.close()
