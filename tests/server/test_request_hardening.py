@@ -75,7 +75,7 @@ def app(tiny_dir):
 
 @pytest.fixture(scope="module")
 def app_client(app):
-    with TestClient(app, raise_server_exceptions=False) as client:  # one event loop for every request
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:  # one event loop for every request
         yield client
 
 
@@ -304,7 +304,7 @@ def test_og_image_counting_leaves_health_answering(tiny_dir, png, monkeypatch):
     monkeypatch.setattr(OgPipeline, "image_tokens", slow)
     app = create_app(WorkerSpec(str(tiny_dir)), "tiny", processor="og")
     try:
-        with TestClient(app, raise_server_exceptions=False) as client:
+        with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
             content = [{"type": "text", "text": "What is this?"},
                        {"type": "image_url", "image_url": {"url": _data_uri(png(400, 300, seed=3))}}]
             with HealthProbe(client.get) as probe:
