@@ -215,6 +215,19 @@ def test_an_option_a_server_cannot_honour_falls_back_with_one_note(server, state
     assert given.exit_code == 1 and given.stderr.startswith(f"Error: the server at {server.url} cannot honour")
 
 
+def test_more_new_tokens_than_the_server_allows_is_answered_in_process_never_cut(server, state, tiny_dir):
+    """A warm `run` never gets a silently shorter answer: asking more than the server's --max-tokens-limit falls
+    back to in-process with one note (and is an error with --server URL)."""
+    limit = server.record().max_tokens_limit
+    assert limit is not None
+    result = answer(state, tiny_dir, "--max-new-tokens", limit + 1, "--json", "Hi")
+    assert result.exit_code == 0 and json.loads(result.stdout)["stats"]["warm"] is False
+    assert result.stderr.startswith(f"Note: the server at {server.url} for this model cannot honour "
+                                    f"--max-new-tokens {limit + 1}")
+    given = answer(state, tiny_dir, "--max-new-tokens", limit + 1, "Hi", server=server.url)
+    assert given.exit_code == 1 and "--max-new-tokens" in given.stderr
+
+
 def test_a_given_url_and_no_server(server, state, tiny_dir, tmp_path):
     given = json.loads(answer(state, tiny_dir, "--json", "Hi", server=server.url + "/v1").stdout)
     assert given["stats"]["warm"] is True

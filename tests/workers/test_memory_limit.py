@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from phi3v_ort.cli.options import start_workers
+from phi3v_ort.workers.pool import start_workers
 from phi3v_ort.engine.guidance import Guidance
 from phi3v_ort.engine.settings import GenerationSettings
 from phi3v_ort.errors import Phi3vError
 from phi3v_ort.workers import memory_limit as M
 from phi3v_ort.workers.pool import Job, Worker, WorkerSpec, run_job
+from phi3v_ort.workers.protocol import ErrorKind
 
 GiB = 2**30
 
@@ -47,7 +48,7 @@ def test_the_default_follows_the_machine():
 @pytest.mark.parametrize("option,expected", [(None, "default"), ("3G", 3 * GiB), ("none", None)])
 def test_serve_and_batch_workers_get_the_limit(tiny_dir, option, expected):
     expected = M.default_limit("cpu") if expected == "default" else expected
-    pool, _ = start_workers(None, str(tiny_dir), "cpu", 1, 1, worker_memory_limit=option)
+    pool = start_workers(None, str(tiny_dir), "cpu", 1, 1, worker_memory_limit=option).pool
     try:
         worker = pool.workers[0]
         assert worker.spec.memory_limit == expected
@@ -73,11 +74,11 @@ def test_a_runaway_compile_fails_one_request_and_the_next_is_answered(tiny_dir):
         runaway = _unchecked("json_schema", json.dumps({"type": "array", "items": {"type": "integer"},
                                                         "minItems": 1_000_000_000}))
         _, error, _ = run_job(worker, Job("r1", "hi", [], GenerationSettings(max_new_tokens=3, guidance=runaway)))
-        assert error is not None and error["kind"] == "worker_died", error  # Rust aborts on a failed allocation
+        assert error is not None and error.kind is ErrorKind.WORKER_DIED, error  # Rust aborts on a failed allocation
         deadline = time.monotonic() + 60
         while not worker.alive and time.monotonic() < deadline:
             time.sleep(0.1)
         events, error, summary = run_job(worker, Job("r2", "hi", [], GenerationSettings(max_new_tokens=3)))
-        assert error is None and summary["generated"] == 3
+        assert error is None and summary.generated == 3
     finally:
         worker.close()

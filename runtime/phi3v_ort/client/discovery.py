@@ -74,6 +74,9 @@ def request_limits(wanted: Wanted, record: ServerRecord) -> str | None:
         return f"--temperature {settings.temperature:g} (the API takes at most {MAX_TEMPERATURE:g})"
     if settings.do_sample and settings.top_k > MAX_TOP_K:
         return f"--top-k {settings.top_k} (the API takes at most {MAX_TOP_K})"
+    if record.max_tokens_limit is not None and settings.max_new_tokens > record.max_tokens_limit:
+        return (f"--max-new-tokens {settings.max_new_tokens} (it answers at most {record.max_tokens_limit}: "
+                "serve --max-tokens-limit)")
     if len(wanted.image_bytes) > record.max_images:
         return f"{len(wanted.image_bytes)} images (it takes at most {record.max_images} per request)"
     if any(n > record.max_image_bytes for n in wanted.image_bytes):

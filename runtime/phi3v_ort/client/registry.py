@@ -48,6 +48,7 @@ class ServerRecord:
     max_images: int = 8
     max_image_bytes: int = 16 * 2**20
     max_body_bytes: int = 32 * 2**20
+    max_tokens_limit: int | None = None  # serve --max-tokens-limit (None: a record from before the option)
     log: str | None = None  # the log file of a server started in the background (--keep-alive)
 
     @classmethod

@@ -41,6 +41,7 @@ def server_record(sock: socket.socket, host: str, spec, model_name: str, process
         cuda_graph=spec.policy.cuda_graph, api_key=api_key, started=time.time(), load_s=round(load_s, 3),
         version=__version__, idle_exit_s=idle_exit_s, max_images=limits.max_images,
         max_image_bytes=limits.max_image_bytes, max_body_bytes=limits.max_body_bytes,
+        max_tokens_limit=limits.max_tokens_limit,
         log=os.environ.get(LOG_ENV) or None)
 
 

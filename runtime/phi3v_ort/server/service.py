@@ -13,7 +13,7 @@ import json
 import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from phi3v_ort.engine import kv_cache
 from phi3v_ort.engine.kv_cache import answer_budget
@@ -181,13 +181,12 @@ class Service:
         return Counted(turns, tokens, image_tokens, budget)
 
     def check_max_tokens(self, req: ParsedRequest, body: dict, cap: bool) -> None:
-        """max_tokens beyond the server's limit: a 400 naming it, or (phi3v.cap_max_tokens) cut to it."""
+        """max_tokens beyond the server's limit: a 400 naming it, never a silently shorter answer (`cap`, the
+        phi3v extension's cap_max_tokens, only lets a prompt that leaves less room get what fits; a warm `run`
+        reads the limit from the state file and answers in-process when it asks for more)."""
         limit = self.limits.max_tokens_limit
         wanted = req.settings.max_new_tokens
         if wanted <= limit:
-            return
-        if cap:
-            req.settings = replace(req.settings, max_new_tokens=limit)
             return
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         raise ApiError(400, f"{name} must be at most {limit} on this server (serve --max-tokens-limit), got {wanted}",
