@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from phi3v_ort.cli.group import cli
-from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, sampling_options,
-                                   start_workers, threads_option, worker_memory_option)
-from phi3v_ort.engine.settings import GenerationSettings
+from phi3v_ort.cli.options import (
+    guidance_options,
+    hands_settings,
+    input_options,
+    model_options,
+    sampling_options,
+    start_workers,
+    threads_option,
+    worker_memory_option,
+)
 from phi3v_ort.errors import Phi3vError, install_hint
+
+if TYPE_CHECKING:
+    from phi3v_ort.engine.settings import GenerationSettings
 
 
 @cli.command(short_help="Answer a JSONL file or a folder of images into a JSONL file.")

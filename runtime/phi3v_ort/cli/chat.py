@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from phi3v_ort.cli.group import cli
-from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, open_model,
-                                   sampling_options, threads_option)
+from phi3v_ort.cli.options import (
+    guidance_options,
+    hands_settings,
+    input_options,
+    model_options,
+    open_model,
+    sampling_options,
+    threads_option,
+)
 from phi3v_ort.cli.output import format_stats
 from phi3v_ort.cli.served import ServerOptions, pick_server, server_options
-from phi3v_ort.engine.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from phi3v_ort.engine.settings import GenerationSettings
 
 
 @cli.command(short_help="Chat about images, keeping the KV cache between turns.")
@@ -42,9 +52,9 @@ def chat(images: tuple[str, ...], model: str | None, model_dir: str | None, devi
       printf 'What is this?\\nAnd the title?\\n' | phi3v-ort chat -i examples/cover.png
     """
     from phi3v_ort.cli.chat_loop import run_chat, stdin_is_terminal
+    from phi3v_ort.cli.phase import Phase
     from phi3v_ort.engine.conversation import Conversation
     from phi3v_ort.inputs.images import load_image
-    from phi3v_ort.cli.phase import Phase
 
     loaded_images = [load_image(src) for src in images]
     phase = Phase(sys.stderr)  # only when stderr is a terminal

@@ -5,16 +5,32 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from phi3v_ort.cli.group import cli
-from phi3v_ort.cli.options import (guidance_options, input_options, hands_settings, model_options, note_cuda_graph,
-                                   open_model, sampling_options, threads_option)
+from phi3v_ort.cli.options import (
+    guidance_options,
+    hands_settings,
+    input_options,
+    model_options,
+    note_cuda_graph,
+    open_model,
+    sampling_options,
+    threads_option,
+)
 from phi3v_ort.cli.output import answer_json, format_stats, prefill_interruptible
-from phi3v_ort.cli.served import ServerOptions, answered_by_server, load_images, server_options
-from phi3v_ort.engine.settings import GenerationSettings
+from phi3v_ort.cli.served import (
+    ServerOptions,
+    answered_by_server,
+    load_images,
+    server_options,
+)
 from phi3v_ort.errors import Phi3vError
+
+if TYPE_CHECKING:
+    from phi3v_ort.engine.settings import GenerationSettings
 
 
 @cli.command(short_help="Ask a question about images; the answer streams to stdout.")
@@ -62,9 +78,10 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
     if answered_by_server(server, question, loaded_images, system, crops, settings, show_stats, as_json, model=model,
                           model_dir=model_dir, device=device, threads=threads, processor=processor, policy=policy):
         return
-    from phi3v_ort.engine import guidance
-    from phi3v_ort.engine.generation import Finished, prepare as prepare_inputs, stream_prepared
     from phi3v_ort.cli.phase import Phase, preparing, reading
+    from phi3v_ort.engine import guidance
+    from phi3v_ort.engine.generation import Finished, stream_prepared
+    from phi3v_ort.engine.generation import prepare as prepare_inputs
 
     phase = Phase(sys.stderr)  # only when stderr is a terminal
     try:
