@@ -59,3 +59,27 @@ def answer_json(finished, result) -> dict:
         **({"parsed": result.parsed} if result.has_parsed else {}),
         "stats": stats,
     }
+
+
+def finish_answer(finished, settings, out, as_json: bool, show_stats: bool) -> None:
+    """What `run` prints once the answer is complete, whichever side generated it: `--json`'s object (or the
+    streamed text's last newline), `--stats`; a constrained answer that is not complete is never passed off as
+    fine (Phi3vError after printing)."""
+    import json
+
+    import click
+
+    from phi3v_ort.engine import guidance
+    from phi3v_ort.errors import Phi3vError
+
+    result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
+                              finished.stats.generated_tokens)
+    if as_json:
+        click.echo(json.dumps(answer_json(finished, result), ensure_ascii=False))
+    else:
+        out.write("\n")
+        out.flush()
+    if show_stats:
+        click.echo(format_stats(finished.stats), err=True)
+    if not result.complete:
+        raise Phi3vError(result.problem)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from phi3v_ort.cli.options import (
     sampling_options,
     threads_option,
 )
-from phi3v_ort.cli.output import answer_json, format_stats, prefill_interruptible
+from phi3v_ort.cli.output import finish_answer, prefill_interruptible
 from phi3v_ort.cli.served import (
     ServerOptions,
     answered_by_server,
@@ -79,7 +78,6 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
                           model_dir=model_dir, device=device, threads=threads, processor=processor, policy=policy):
         return
     from phi3v_ort.cli.phase import Phase, preparing, reading
-    from phi3v_ort.engine import guidance
     from phi3v_ort.engine.generation import Finished, stream_prepared
     from phi3v_ort.engine.generation import prepare as prepare_inputs
 
@@ -120,14 +118,4 @@ def run(question: str, images: tuple[str, ...], model: str | None, model_dir: st
         phase.clear()
 
     assert finished is not None
-    result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
-                              finished.stats.generated_tokens)
-    if as_json:
-        click.echo(json.dumps(answer_json(finished, result), ensure_ascii=False))
-    else:
-        out.write("\n")
-        out.flush()
-    if show_stats:
-        click.echo(format_stats(finished.stats), err=True)
-    if not result.complete:  # a constrained answer that is not complete is never passed off as fine
-        raise Phi3vError(result.problem)
+    finish_answer(finished, settings, out, as_json, show_stats)

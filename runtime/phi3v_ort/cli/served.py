@@ -5,7 +5,6 @@ stream exactly as the in-process path prints its own."""
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +122,7 @@ def answer_through_server(client, server: ServerOptions, question: str, images, 
     """`run`'s answer from the server, printed as the in-process path prints it (text streamed, or one JSON
     object; --stats; the constraint's verdict). False when the server could not take the request before any
     answer came and `--server auto` lets the in-process path answer instead (after a note)."""
-    from phi3v_ort.cli.output import answer_json, format_stats
-    from phi3v_ort.engine import guidance
+    from phi3v_ort.cli.output import finish_answer
     from phi3v_ort.engine.events import Finished
     from phi3v_ort.client.answer import ServerUnavailable
 
@@ -151,15 +149,5 @@ def answer_through_server(client, server: ServerOptions, question: str, images, 
         click.echo("Interrupted.", err=True)
         sys.exit(130)
     assert finished is not None
-    result = guidance.outcome(settings.guidance, finished.text, finished.stats.finish_reason,
-                              finished.stats.generated_tokens)
-    if as_json:
-        click.echo(json.dumps(answer_json(finished, result), ensure_ascii=False))
-    else:
-        out.write("\n")
-        out.flush()
-    if show_stats:
-        click.echo(format_stats(finished.stats), err=True)
-    if not result.complete:
-        raise Phi3vError(result.problem)
+    finish_answer(finished, settings, out, as_json, show_stats)
     return True
