@@ -19,6 +19,7 @@ from phi3v_ort.cli.options import (
 )
 from phi3v_ort.cli.output import format_stats
 from phi3v_ort.cli.served import ServerOptions, pick_server, server_options
+from phi3v_ort.engine.kv_cache import CONVERSATION_RESERVE_TOKENS
 
 if TYPE_CHECKING:
     from phi3v_ort.engine.settings import GenerationSettings
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 @click.option("--system", default=None, help="A system message for the whole conversation.")
 @input_options
 @threads_option
-@click.option("--reserve-tokens", type=int, default=2048, show_default=True,
+@click.option("--reserve-tokens", type=int, default=CONVERSATION_RESERVE_TOKENS, show_default=True,
               help="KV-cache room kept for follow-up turns beyond the first answer.")
 @guidance_options
 @server_options
