@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from phi3v_ort.engine.kv_cache import CONVERSATION_RESERVE_TOKENS
 from phi3v_ort.errors import Phi3vError, SettingError
 
 if TYPE_CHECKING:
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
     from phi3v_ort.engine.conversation import Conversation
     from phi3v_ort.engine.generation import GenerationStats
     from phi3v_ort.engine.guidance import Guidance
+    from phi3v_ort.engine.model import LoadedModel
     from phi3v_ort.engine.settings import GenerationSettings
     from phi3v_ort.inputs.images import ImageInput, ImageLike
-    from phi3v_ort.engine.model import LoadedModel
 
 DEFAULT_MODEL = "phi-3-vision"
 DEFAULT_MAX_NEW_TOKENS = 512  # as `phi3v-ort run --max-new-tokens`
@@ -356,7 +357,7 @@ class Model:
         return AnswerStream(events, request.stops, request.generation.guidance,
                             lambda: (prepared.prompt_tokens, prepared.image_tokens))
 
-    def chat(self, system: str | None = None, reserve_tokens: int = 2048) -> Chat:
+    def chat(self, system: str | None = None, reserve_tokens: int = CONVERSATION_RESERVE_TOKENS) -> Chat:
         """A conversation that keeps the KV cache between turns (`reserve_tokens`: cache room kept for
         follow-up turns beyond the first answer, as `phi3v-ort chat --reserve-tokens`).
 
@@ -430,9 +431,9 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", th
     >>> model.close()
     """
     from phi3v_ort.engine.kv_cache import KVCachePolicy
+    from phi3v_ort.engine.model import load_model
     from phi3v_ort.inputs.pipeline import make_pipeline
     from phi3v_ort.package.fetch import resolve_model_dir
-    from phi3v_ort.engine.model import load_model
 
     for name, value in (("threads", threads), ("crops", crops)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
