@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v_ort.engine.kv_cache import KVCachePolicy
-from phi3v_ort.errors import Phi3vError
+from phi3v_ort.errors import Phi3vError, SettingError
 from phi3v_ort.inputs.pipeline import InputBuilder
 from phi3v_ort.package.device import preload_cuda_libraries, resolve_device
 from phi3v_ort.package.loading import PackageInfo, default_threads, open_inputs, read_package
 
 
 # Whether onnxruntime's intra-op threads spin while they wait for work (og passes the flat session-config key
-# through: see the release contract). Off: measured on `small`, 2 threads, 2 shared cores
-# (benchmarks/results/thread-spinning-cpu-small.md, spinning off over on): decode 1.48x the tokens/s with the
-# machine's usual load and 2.38x with a CPU hog beside it, a text prefill 4-7 % slower, an image's time to first
-# token the same (1.01x) or 20 % shorter (busy). Spinning threads burn the cores a neighbour (or the sibling
-# thread) needs; the little they save on a quiet machine is the prefill's few per cent.
+# through: see the release contract). Measured on `small`, 2 threads, 2 cores, spinning off over on
+# (benchmarks/results/thread-spinning-cpu-small-quiet.md and -small.md): on a quiet machine decode 0.82x the
+# tokens/s (135 -> 111), prefill and an image's time to first token the same; with a CPU hog beside it decode
+# 1.56x (53 -> 83; 2.38x at a load of 8-9), prefill 3 % faster. Off by default: it loses a fifth of decode speed
+# where nothing else runs and wins half again (or more) where anything does, which on a laptop or a shared box is
+# most of the time; PHI3V_ORT_SPINNING=1 turns it on for a machine that runs nothing else.
 ALLOW_SPINNING = False
+SPINNING_ENV = "PHI3V_ORT_SPINNING"
+
+
+def default_spinning() -> bool:
+    """ALLOW_SPINNING, unless $PHI3V_ORT_SPINNING says 1 or 0 (worker processes inherit it)."""
+    value = os.environ.get(SPINNING_ENV, "").strip()
+    if not value:
+        return ALLOW_SPINNING
+    if value not in ("0", "1"):
+        raise SettingError(f"${SPINNING_ENV} must be 1 (spin) or 0 (do not), got {value!r}")
+    return value == "1"
 
 
 def thread_overlay(threads: int, spinning: bool = ALLOW_SPINNING) -> str:
@@ -56,7 +69,7 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
                threads: int | None = None, spinning: bool | None = None) -> LoadedModel:
     """Load a package on `device` ('auto' picks CUDA only when a GPU is really there) with a KV-cache policy and,
     on the CPU, `threads` intra-op threads per session (default: default_threads()) that spin while they wait
-    or not (default: ALLOW_SPINNING)."""
+    or not (default: default_spinning())."""
     import onnxruntime_genai as og
 
     started = time.perf_counter()
@@ -70,7 +83,7 @@ def load_model(path: str | Path, device: str = "auto", policy: KVCachePolicy = K
     threads = (threads or default_threads()) if resolved == "cpu" else threads
     config = og.Config(str(info.path))
     if threads:
-        config.overlay(thread_overlay(threads, ALLOW_SPINNING if spinning is None else spinning))
+        config.overlay(thread_overlay(threads, default_spinning() if spinning is None else spinning))
     config.clear_providers()
     if resolved == "cuda":
         config.append_provider("cuda")
