@@ -41,7 +41,9 @@ CONTEXT = 8192  # the fixture's context_length
 LAUNCHER = r"""
 import json, sys, threading
 from phi3v_ort.server.app import ServerLimits, create_app, serve_forever
+from dataclasses import asdict
 from phi3v_ort.workers.pool import Worker, WorkerPool, WorkerSpec
+from phi3v_ort.workers.protocol import End
 
 model_dir, port, workers, delay, grace, log = sys.argv[1:7]
 lock = threading.Lock()
@@ -49,9 +51,9 @@ submit = Worker.submit
 
 def submit_and_log(self, job, callback):
     def relay(item):
-        if item[0] == "end":
+        if isinstance(item, End):
             with lock, open(log, "a") as f:
-                f.write(json.dumps({"worker": self.index, "request_id": job.request_id, **item[1]}) + "\n")
+                f.write(json.dumps({"worker": self.index, "request_id": job.request_id, **asdict(item.summary)}) + "\n")
         callback(item)
     submit(self, job, relay)
 

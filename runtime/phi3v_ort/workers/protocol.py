@@ -14,7 +14,7 @@ Every error has an ErrorKind; `HTTP_ERRORS` is the one mapping of a kind to an H
 from __future__ import annotations
 
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 
 from phi3v_ort.engine.generation import Finished, Notice, TokenEvent
@@ -141,28 +141,14 @@ class JobSummary:
     cancelled: bool = False
 
 
-class _Reply:
-    """A worker's message about one request. `reply[i]` reads it as the (tag, payload...) tuple that callbacks
-    of Worker.submit got before messages were typed (tests/server's launcher reads end summaries so)."""
-
-    def __getitem__(self, index: int):
-        return self.as_tuple()[index]
-
-    def as_tuple(self) -> tuple:
-        raise NotImplementedError
-
-
 @dataclass(frozen=True)
-class Event(_Reply):
+class Event:
     request_id: str
     event: TokenEvent | Notice | Finished
 
-    def as_tuple(self) -> tuple:
-        return ("event", self.event)
-
 
 @dataclass(frozen=True)
-class Error(_Reply):
+class Error:
     request_id: str
     kind: ErrorKind
     message: str
@@ -184,17 +170,11 @@ class Error(_Reply):
     def http(self) -> HttpError:
         return HTTP_ERRORS[self.kind]
 
-    def as_tuple(self) -> tuple:
-        return ("error", self.kind.value, self.message, self.details)
-
 
 @dataclass(frozen=True)
-class End(_Reply):
+class End:
     request_id: str
     summary: JobSummary = JobSummary()
-
-    def as_tuple(self) -> tuple:
-        return ("end", asdict(self.summary))
 
 
 Reply = Event | Error | End
